@@ -1,0 +1,5 @@
+import sys
+
+from shmpool.bench.cli import main
+
+sys.exit(main())

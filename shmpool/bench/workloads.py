@@ -1,0 +1,276 @@
+"""The workloads: what one timed repetition does, per case.
+
+A :class:`Case` is one row of the report (workload + size). ``setup()`` builds its payload once;
+``run(pool, payload, timeout)`` performs one repetition through one pool, checks the answer,
+and returns extra figures (latencies, job counts) or raises. The runner does the timing,
+memory sampling, interleaving and failure handling, so a workload is only what it sends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import operator
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+from shmpool.bench import jobs
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Payload sizes: 1 KiB .. 1 GiB in powers of 4 (full), a handful for --quick.
+FULL_SIZES = [KiB << (2 * i) for i in range(11)]
+QUICK_SIZES = [KiB, MiB, 16 * MiB, 64 * MiB]
+# The single "big" size of the oneway / numpy / fx-weights workloads.
+QUICK_BIG = 16 * MiB
+FULL_BIG = 256 * MiB
+THROUGHPUT_JOBS = 3000
+TRITON_KERNELS = 16
+# Deadline of one job: generous base plus a pessimistic 20 MB/s for the bytes it moves, so
+# only a wedged or thrashing pool ever reaches it.
+BASE_TIMEOUT_S = 60.0
+SLOW_BYTES_PER_S = 20e6
+
+WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx")
+# triton compiles 16 kernels per repetition per pool (~2 s each on 2 cores) and imports
+# triton in every worker first, which alone would blow the quick run's one-minute budget.
+QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput", "fx")
+
+
+def fmt_size(n: int) -> str:
+    for unit, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{name}"
+    return f"{n}B"
+
+
+def parse_size(text: str) -> int:
+    """'64K', '16M', '1G', '16MiB' or plain bytes -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": KiB, "M": MiB, "G": GiB}.get(t[-1:], 1)
+    digits = t[:-1] if mult != 1 else t
+    try:
+        return int(float(digits) * mult)
+    except ValueError:
+        raise ValueError(f"bad size {text!r}: use bytes or a K/M/G suffix, e.g. 16M") from None
+
+
+def job_timeout(nbytes: int) -> float:
+    return BASE_TIMEOUT_S + nbytes / SLOW_BYTES_PER_S
+
+
+@dataclasses.dataclass
+class Case:
+    workload: str
+    name: str
+    size: int  # payload bytes (the plot's x axis); 0 where it does not apply
+    bytes_moved: int  # bytes through the pool per repetition, both ways (for GB/s)
+    setup: Callable[[], Any]
+    run: Callable[[Any, Any, float], dict]
+    jobs: int = 1
+    floor: bool = False  # measure the memcpy floor of `size` beside it
+    warm_modules: tuple[str, ...] = ()  # import these in every worker before timing
+    skip: str | None = None  # a reason this case cannot run here
+    timeout_s: float | None = None  # deadline of one repetition; None: from bytes_moved and jobs
+
+    @property
+    def timeout(self) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return job_timeout(self.bytes_moved) * max(1, self.jobs // 100)
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise AssertionError(f"wrong result: {what}")
+
+
+# ---------------------------------------------------------------- payload / oneway
+def _payload_bytes(n: int) -> bytes:
+    """n bytes that no compressor or zero-page trick can shortcut (a random MiB, tiled)."""
+    block = os.urandom(min(n, MiB))
+    reps, rest = divmod(n, len(block))
+    return block * reps + block[:rest]
+
+
+def _run_echo(pool, payload, timeout):
+    r = pool.submit(jobs.echo, payload).result(timeout=timeout)
+    _check(len(r) == len(payload) and r[:64] == payload[:64] and r[-64:] == payload[-64:], "echo mismatch")
+    return {}
+
+
+def _run_consume(pool, payload, timeout):
+    _check(pool.submit(jobs.consume, payload).result(timeout=timeout) == len(payload), "consume length")
+    return {}
+
+
+def _run_produce(pool, n, timeout):
+    r = pool.submit(jobs.produce, n).result(timeout=timeout)
+    _check(len(r) == n and r[:1] == b"\x01", "produce length")
+    return {}
+
+
+def payload_cases(sizes: list[int]) -> list[Case]:
+    return [
+        Case("payload", fmt_size(n), n, 2 * n, (lambda n=n: _payload_bytes(n)), _run_echo, floor=True)
+        for n in sizes
+    ]
+
+
+def oneway_cases(big: int) -> list[Case]:
+    return [
+        Case("oneway", f"arg-{fmt_size(big)}", big, big, lambda: _payload_bytes(big), _run_consume),
+        Case("oneway", f"result-{fmt_size(big)}", big, big, lambda: big, _run_produce),
+    ]
+
+
+# ---------------------------------------------------------------- numpy
+def _make_array(n: int):
+    import numpy as np
+
+    return np.frombuffer(_payload_bytes(n), dtype=np.float32).copy().reshape(-1, 256)
+
+
+def _run_echo_array(pool, arr, timeout):
+    r = pool.submit(jobs.echo, arr).result(timeout=timeout)
+    _check(r.shape == arr.shape and r.dtype == arr.dtype and (r[:1] == arr[:1]).all() and (r[-1:] == arr[-1:]).all(),
+           "array echo mismatch")
+    return {}
+
+
+def numpy_cases(big: int) -> list[Case]:
+    skip = None if importlib.util.find_spec("numpy") else "numpy not installed"
+    return [
+        Case("numpy", f"ndarray-{fmt_size(big)}", big, 2 * big, lambda: _make_array(big), _run_echo_array,
+             warm_modules=("numpy",), skip=skip),
+        Case("numpy", f"bytes-{fmt_size(big)}", big, 2 * big, lambda: _payload_bytes(big), _run_echo),
+    ]
+
+
+# ---------------------------------------------------------------- throughput
+def _run_throughput(pool, njobs, timeout):
+    done_at = [0.0] * njobs
+    submitted_at = [0.0] * njobs
+
+    def stamp(i):
+        def cb(_f):
+            done_at[i] = time.perf_counter()
+        return cb
+
+    futs = []
+    for i in range(njobs):
+        submitted_at[i] = time.perf_counter()
+        f = pool.submit(operator.add, i, 1)
+        f.add_done_callback(stamp(i))
+        futs.append(f)
+    deadline = time.monotonic() + timeout
+    for i, f in enumerate(futs):
+        _check(f.result(timeout=max(0.0, deadline - time.monotonic())) == i + 1, f"add({i}, 1)")
+    lat = sorted(d - s for d, s in zip(done_at, submitted_at))
+    return {"latency_p50_s": lat[len(lat) // 2], "latency_p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))]}
+
+
+def throughput_cases(njobs: int = THROUGHPUT_JOBS) -> list[Case]:
+    return [Case("throughput", f"{njobs}-add", 0, 0, lambda: njobs, _run_throughput, jobs=njobs)]
+
+
+# ---------------------------------------------------------------- triton
+def _triton_batch():
+    """shmpool.triton_batch (written alongside, issue 3) or None with the reason."""
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton not installed"
+    try:
+        from shmpool import triton_batch
+    except ImportError as e:
+        return None, f"shmpool.triton_batch not importable yet ({e})"
+    if not hasattr(triton_batch, "compile_batch"):
+        return None, "shmpool.triton_batch has no compile_batch(pool, n)"
+    return triton_batch, None
+
+
+def _run_triton(pool, n, timeout):
+    tb, why = _triton_batch()
+    if tb is None:
+        raise RuntimeError(why)
+    # A fresh Triton cache per repetition: the figure is n compiles, not n cache hits.
+    cache_dir = tempfile.mkdtemp(prefix="shmpool-bench-triton-")
+    try:
+        blobs = tb.compile_batch(pool, n, cache_dir=cache_dir, timeout=timeout)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    _check(len(blobs) == n, f"{len(blobs)} kernels came back, not {n}")
+    tb.check_blobs(blobs)
+    return {"cubin_bytes": sum(len(b.cubin) for b in blobs)}
+
+
+def triton_cases(n: int = TRITON_KERNELS) -> list[Case]:
+    tb, why = _triton_batch()
+    # 16 kernels took 1.9 s on 2 cores; 30 s per kernel means stuck, not slow.
+    return [Case("triton", f"{n}-kernels", 0, 0, lambda: n, _run_triton, jobs=n,
+                 warm_modules=("triton", "triton.compiler"), skip=why, timeout_s=BASE_TIMEOUT_S + 30.0 * n)]
+
+
+# ---------------------------------------------------------------- fx
+def _make_fx(layers: int, width: int, weights: bool):
+    import torch
+    import torch.fx
+
+    class Deep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+            if weights:
+                g = torch.Generator().manual_seed(0)
+                for i in range(layers):  # frozen weights: buffers read by get_attr nodes
+                    self.register_buffer(f"w{i}", torch.randn(width, width, generator=g))
+
+        def forward(self, x):
+            for i in range(self.layers):
+                if weights:
+                    x = torch.relu(x @ getattr(self, f"w{i}")) + x
+                else:
+                    x = torch.relu(x * 1.01 + i) - x
+            return x
+
+    return torch.fx.symbolic_trace(Deep())
+
+
+def _run_fx(pool, gm, timeout):
+    nodes, nbytes = pool.submit(jobs.fx_summary, gm).result(timeout=timeout)
+    _check(nodes == len(gm.graph.nodes), f"fx node count {nodes} != {len(gm.graph.nodes)}")
+    return {"fx_nodes": nodes, "fx_weight_bytes": nbytes}
+
+
+def fx_cases(big: int, graph_layers: int = 1000) -> list[Case]:
+    skip = None if importlib.util.find_spec("torch") else "torch not installed"
+    width = 512 if big >= 64 * MiB else 256
+    layers = max(1, big // (width * width * 4))
+    nbytes = layers * width * width * 4
+    return [
+        Case("fx", f"graph-{graph_layers}layers", 0, 0, lambda: _make_fx(graph_layers, 0, False), _run_fx,
+             warm_modules=("torch", "torch.fx"), skip=skip),
+        Case("fx", f"weights-{fmt_size(nbytes)}", nbytes, nbytes, lambda: _make_fx(layers, width, True), _run_fx,
+             warm_modules=("torch", "torch.fx"), skip=skip),
+    ]
+
+
+def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
+    out: list[Case] = []
+    for name in names:
+        if name == "payload":
+            out += payload_cases(sizes)
+        elif name == "oneway":
+            out += oneway_cases(big)
+        elif name == "numpy":
+            out += numpy_cases(big)
+        elif name == "throughput":
+            out += throughput_cases()
+        elif name == "triton":
+            out += triton_cases()
+        elif name == "fx":
+            out += fx_cases(big)
+        else:
+            raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
+    return out

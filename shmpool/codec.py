@@ -1,0 +1,139 @@
+"""How a pickled object is laid out in a shared-memory region, and read back.
+
+Region layout, little-endian, written once by the sender::
+
+    0                8        12       16
+    +----------------+--------+--------+------------------------+--------+-------+---...
+    |   stream_len   |  nbuf  |   0    | nbuf x (u64 off,u64 n) | stream |  pad  | buf0 ...
+    +----------------+--------+--------+------------------------+--------+-------+---...
+
+The pickle stream comes first; out-of-band buffers (pickle protocol 5) follow, each at a
+64-byte aligned offset so numpy gets aligned arrays. Copies: ``Parts`` holds the pieces by
+reference (large ``bytes`` are handed to the sink by the C pickler itself, not copied), so
+``write_into`` is the sender's only copy. The receiver's unpickler copies in-band bytes once
+into the objects it builds; out-of-band buffers are either used in place (job arguments, whose
+slot is held until the job ends) or copied once (results, which outlive the slot).
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+from .pickler import SubprocPickler, has_zero_copy
+
+_TABLE = struct.Struct("<QII")
+_ENTRY = struct.Struct("<QQ")
+_ALIGN = 64
+MAX_BUFFERS = 1 << 16  # far beyond any real object graph; bounds the table a peer can claim
+
+
+class CodecError(ValueError):
+    """A region whose table does not describe a payload inside it."""
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+class _Sink:
+    """A write-only file for the pickler that keeps what it is given, by reference."""
+
+    __slots__ = ("chunks", "nbytes")
+
+    def __init__(self) -> None:
+        self.chunks: list[memoryview] = []
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        self.chunks.append(view)
+        self.nbytes += view.nbytes
+        return view.nbytes
+
+
+class Parts:
+    """A pickled object not yet in shared memory: its pieces and the region size it needs."""
+
+    __slots__ = ("chunks", "buffers", "stream_len", "offsets", "size")
+
+    def __init__(self, chunks: list[memoryview], stream_len: int, buffers: list[memoryview]) -> None:
+        self.chunks = chunks
+        self.buffers = buffers
+        self.stream_len = stream_len
+        pos = _TABLE.size + _ENTRY.size * len(buffers) + stream_len
+        self.offsets: list[int] = []
+        for buf in buffers:
+            pos = _align(pos)
+            self.offsets.append(pos)
+            pos += buf.nbytes
+        self.size = pos
+
+    @property
+    def oob_bytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers)
+
+    def write_into(self, dst: memoryview) -> None:
+        """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
+        _TABLE.pack_into(dst, 0, self.stream_len, len(self.buffers), 0)
+        pos = _TABLE.size
+        for off, buf in zip(self.offsets, self.buffers):
+            _ENTRY.pack_into(dst, pos, off, buf.nbytes)
+            pos += _ENTRY.size
+        for chunk in self.chunks:
+            n = chunk.nbytes
+            dst[pos : pos + n] = chunk
+            pos += n
+        for off, buf in zip(self.offsets, self.buffers):
+            dst[off : off + buf.nbytes] = buf
+
+    def release(self) -> None:
+        """Drop the references to the caller's objects once they are in shared memory."""
+        self.chunks = []
+        self.buffers = []
+
+
+def _raw(buf: pickle.PickleBuffer) -> memoryview:
+    try:
+        return buf.raw()
+    except BufferError:  # not contiguous: the one case that needs a copy of its own
+        return memoryview(memoryview(buf).tobytes())
+
+
+def dump(obj: object, pickler: SubprocPickler) -> Parts:
+    """Pickle ``obj`` into pieces. Raises whatever the pickler raises for unpicklable input."""
+    if has_zero_copy(pickler):
+        sink = _Sink()
+        buffers: list[memoryview] = []
+        pickler.make_pickler(sink, lambda b: buffers.append(_raw(b))).dump(obj)
+        return Parts(sink.chunks, sink.nbytes, buffers)
+    data = memoryview(pickler.dumps(obj))
+    return Parts([data], data.nbytes, [])
+
+
+def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> tuple[object, bool]:
+    """Unpickle from a region. Returns the object and whether it still refers into the region
+    (out-of-band buffers used in place), in which case the region must outlive it."""
+    size = region.nbytes
+    if size < _TABLE.size:
+        raise CodecError(f"region of {size} bytes is smaller than its table")
+    stream_len, nbuf, reserved = _TABLE.unpack_from(region, 0)
+    table_end = _TABLE.size + _ENTRY.size * nbuf
+    if reserved != 0 or nbuf > MAX_BUFFERS or table_end + stream_len > size:
+        raise CodecError(f"region table (stream {stream_len}, {nbuf} buffers) does not fit {size} bytes")
+    stream_end = table_end + stream_len
+    buffers: list[Any] = []
+    for i in range(nbuf):
+        off, n = _ENTRY.unpack_from(region, _TABLE.size + i * _ENTRY.size)
+        if off < stream_end or off + n > size:
+            raise CodecError(f"buffer {i} at {off}+{n} lies outside the region")
+        view = region[off : off + n]
+        buffers.append(bytearray(view) if copy_buffers else view)
+    stream = region[table_end:stream_end]
+    if has_zero_copy(pickler):
+        obj = pickler.loads_from(stream, buffers)
+    elif nbuf:
+        raise CodecError("out-of-band buffers sent to a pickler without loads_from")
+    else:
+        obj = pickler.loads(stream)  # type: ignore[arg-type]
+    return obj, bool(buffers) and not copy_buffers

@@ -1,0 +1,87 @@
+"""The exceptions a shmpool future can fail with. Each says what happened and what to do."""
+from __future__ import annotations
+
+import signal
+from concurrent.futures import BrokenExecutor
+
+
+class SubprocException(Exception):
+    """A job raised in its worker. Same shape as torch's: ``details`` is the worker's traceback
+    text (its last line names the exception and its message)."""
+
+    def __init__(self, details: str, name: str = "<unknown>") -> None:
+        self.details = details
+        self.name = name
+        super().__init__(f"An exception occurred in a subprocess:\n\nName={name}\n{details}")
+
+    def with_name(self, name: str) -> "SubprocException":
+        return type(self)(self.details, name)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.details, self.name))
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'SIGSEGV', 'SIGKILL', 'exit code 1' or 'unknown exit status'. Negative codes are signals,
+    as in ``subprocess.Popen.returncode``."""
+    if exitcode is None:
+        return "unknown exit status"
+    if exitcode < 0:
+        try:
+            return signal.Signals(-exitcode).name
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+_LIKELY_CAUSE = {
+    -signal.SIGKILL: "killed from outside, or by the kernel's OOM killer",
+    -signal.SIGSEGV: "a segfault in native code run by the job",
+    -signal.SIGBUS: "a bus error (shared memory exhausted?)",
+    -signal.SIGABRT: "an abort() in native code",
+}
+
+
+class WorkerDiedError(BrokenExecutor):
+    """The worker running this job died before answering. Only this job fails; the worker is
+    replaced and the pool goes on."""
+
+    def __init__(self, pid: int, exitcode: int | None, job_desc: str = "") -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        cause = _LIKELY_CAUSE.get(exitcode or 0, "")
+        what = describe_exit(exitcode)
+        msg = f"worker pid {pid} died ({what}) while running {job_desc or 'a job'}"
+        if cause:
+            msg += f"; likely {cause}"
+        super().__init__(msg + ". The worker was replaced; resubmit the job if it is safe to retry.")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.pid, self.exitcode))
+
+
+class JobTimeoutError(TimeoutError):
+    """A job ran past its per-job timeout; its worker was killed and replaced."""
+
+
+class PayloadTooLargeError(ValueError):
+    """A pickled job or result is over the pool's ``max_payload`` cap."""
+
+    def __init__(self, what: str, size: int, cap: int) -> None:
+        self.size = size
+        self.cap = cap
+        super().__init__(f"{what} pickles to {size:,} bytes, over the pool's max_payload of {cap:,} bytes")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_payload_too_large, (str(self), self.size, self.cap))
+
+
+def _payload_too_large(msg: str, size: int, cap: int) -> PayloadTooLargeError:
+    err = PayloadTooLargeError.__new__(PayloadTooLargeError)
+    ValueError.__init__(err, msg)
+    err.size, err.cap = size, cap
+    return err
+
+
+class WorkerStartError(BrokenExecutor):
+    """Workers could not be started (the initializer raised, or they died during start-up)."""

@@ -1,0 +1,67 @@
+"""Starting processes: SPAWN workers and the fork helper are fresh interpreters; FORK workers
+are forked by the helper. Only the pool's dispatcher thread calls into this module: Linux's
+PDEATHSIG fires when the *thread* that started a child exits, and the dispatcher thread lives
+exactly as long as the workers should."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+from . import wire
+from .channel import send_header
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(entry: str, args: list[str], pass_fds: tuple[int, ...], env: dict[str, str] | None = None) -> subprocess.Popen:
+    # -c rather than -m: shmpool must import in the child even when the caller runs it from a
+    # source tree that is on its sys.path but not installed.
+    code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); {entry}"
+    return subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=pass_fds, close_fds=True, env=env)
+
+
+def spawn_worker(sock_fd: int, request_fd: int, response_fd: int) -> subprocess.Popen:
+    fds = (sock_fd, request_fd, response_fd)
+    return _python(
+        "from shmpool.worker import spawn_main; spawn_main()",
+        [*(str(fd) for fd in fds), str(os.getpid())],
+        fds,
+    )
+
+
+class ForkHelper:
+    """The parent's handle on the fork helper process (see forkserver.py)."""
+
+    def __init__(self, preload: tuple[str, ...]) -> None:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = _python(
+                "from shmpool.forkserver import main; main()",
+                [str(child_sock.fileno()), str(os.getpid()), ",".join(preload)],
+                (child_sock.fileno(),),
+            )
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        parent_sock.setblocking(False)
+        self.sock = parent_sock
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def fork(self, serial: int, fds: tuple[int, int, int]) -> None:
+        send_header(self.sock, wire.encode(wire.MsgKind.FORK, serial), fds)
+
+    def close(self, wait: float) -> None:
+        """Closing our end makes the helper exit, and its workers with it (PDEATHSIG)."""
+        self.sock.close()
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,54 @@
+"""Picklers: torch's ``SubprocPickler`` interface, plus the zero-copy hooks shmpool uses.
+
+A pickler that keeps the base class's ``make_pickler``/``loads_from`` gets the zero-copy path:
+pickle protocol 5 writes large ``bytes`` straight to the sink by reference and hands contiguous
+buffers (numpy arrays, ``PickleBuffer``) out of band, so nothing of the payload is copied before
+shmpool's single copy into shared memory. A subclass that overrides only ``dumps``/``loads``
+(torch's contract) still works: its ``dumps`` output is copied into shared memory as one buffer.
+"""
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+
+class SubprocPickler:
+    """Pickle with the highest protocol; a drop-in for torch's class of the same name."""
+
+    def dumps(self, obj: object) -> bytes:
+        return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data: bytes) -> object:
+        return pickle.loads(data)
+
+    def make_pickler(self, file: IO[bytes], buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> pickle.Pickler:
+        return pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
+
+    def loads_from(self, data: memoryview, buffers: Sequence[Any]) -> object:
+        return pickle.loads(data, buffers=buffers)
+
+
+class CloudPickler(SubprocPickler):
+    """cloudpickle for lambdas, closures and functions defined in ``__main__``."""
+
+    def dumps(self, obj: object) -> bytes:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def make_pickler(self, file: IO[bytes], buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> pickle.Pickler:
+        import cloudpickle
+
+        return cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
+
+
+def has_zero_copy(pickler: object) -> bool:
+    """True when ``pickler`` speaks the zero-copy hooks and has not redefined the format by
+    overriding ``dumps`` alone."""
+    cls = type(pickler)
+    if not isinstance(pickler, SubprocPickler):
+        return False
+    overrides_dumps = cls.dumps is not SubprocPickler.dumps
+    overrides_hook = cls.make_pickler is not SubprocPickler.make_pickler
+    return not overrides_dumps or overrides_hook

@@ -1,0 +1,124 @@
+"""A single-producer, single-consumer byte ring in a memfd, with a POSIX semaphore for space.
+
+Invariants (one ring per direction per worker, so each side has exactly one writer):
+  * Only the producer moves ``head``; it hands out contiguous regions in order, skipping the
+    tail end of the buffer when a region would wrap. Positions are monotonically increasing byte
+    counts; the physical offset is ``position % capacity``.
+  * The consumer frees regions strictly in the order it received them, by posting ``freed`` once
+    per region. That post is the only thing the consumer ever writes: there is no shared control
+    word, no lock, nothing a dying process can leave half-updated. A consumer killed mid-read
+    simply never posts; its rings die with it (each worker has its own).
+  * The producer learns what was freed by draining ``freed``; each unit pops the oldest
+    outstanding region, so ``tail`` is the end of that region (padding included).
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import posix_ipc
+
+from .shm import Segment
+
+
+class RingError(RuntimeError):
+    """The peer broke the ring protocol (a region out of order or out of bounds)."""
+
+
+class RingWriter:
+    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore) -> None:
+        assert segment.view is not None
+        self.segment = segment
+        self.capacity = segment.size
+        self.freed = freed
+        self.head = 0
+        self.tail = 0
+        self._outstanding: collections.deque[int] = collections.deque()  # region ends, FIFO
+
+    def _collect(self) -> None:
+        while self._outstanding:
+            try:
+                self.freed.acquire(0)
+            except posix_ipc.BusyError:
+                return
+            self.tail = self._outstanding.popleft()
+
+    def fits(self, size: int) -> bool:
+        return 0 < size <= self.capacity
+
+    def try_reserve(self, size: int) -> int | None:
+        """Reserve ``size`` contiguous bytes; return their position, or None if full right now."""
+        if not self.fits(size):
+            raise ValueError(f"region of {size} bytes does not fit a ring of {self.capacity}")
+        self._collect()
+        pos = self.head % self.capacity
+        pad = self.capacity - pos if pos + size > self.capacity else 0
+        start = self.head + pad
+        if start + size - self.tail > self.capacity:
+            return None
+        self.head = start + size
+        self._outstanding.append(self.head)
+        return start
+
+    def reserve(self, size: int, wait_step: float, still_wanted: Callable[[], bool]) -> int | None:
+        """Block until ``size`` bytes are free. Wakes every ``wait_step`` seconds to ask
+        ``still_wanted()``, so a dead peer cannot hold us forever; None if it says no."""
+        while True:
+            start = self.try_reserve(size)
+            if start is not None:
+                return start
+            try:
+                self.freed.acquire(wait_step)
+            except posix_ipc.BusyError:
+                if not still_wanted():
+                    return None
+                continue
+            self.tail = self._outstanding.popleft()
+
+    def view(self, start: int, size: int) -> memoryview:
+        pos = start % self.capacity
+        assert self.segment.view is not None
+        return self.segment.view[pos : pos + size]
+
+    @property
+    def idle(self) -> bool:
+        self._collect()
+        return not self._outstanding
+
+
+class RingReader:
+    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore) -> None:
+        assert segment.view is not None
+        self.segment = segment
+        self.capacity = segment.size
+        self.freed = freed
+        self._last_end = 0  # end of the newest region received
+        self._released = 0  # end of the newest region freed
+        self._unfreed: collections.deque[int] = collections.deque()
+
+    def view(self, start: int, size: int) -> memoryview:
+        """The region a header names, after checking it is the next one the producer could
+        have handed out: in order, inside the buffer, never overlapping an unfreed region."""
+        pos = start % self.capacity
+        if (
+            size <= 0
+            or size > self.capacity
+            or start < self._last_end
+            or start - self._last_end >= self.capacity
+            or pos + size > self.capacity
+            or start + size - self._released > self.capacity
+        ):
+            raise RingError(
+                f"region {start}+{size} is not a valid next region of a {self.capacity}-byte ring "
+                f"(last end {self._last_end}, freed up to {self._released})"
+            )
+        self._last_end = start + size
+        self._unfreed.append(self._last_end)
+        assert self.segment.view is not None
+        return self.segment.view[pos : pos + size]
+
+    def free(self) -> None:
+        """Give the oldest region received back to the producer."""
+        self._released = self._unfreed.popleft()
+        self.freed.release()
+

@@ -1,0 +1,177 @@
+"""Make torch.compile's worker pools shmpool pools.
+
+    import shmpool.torch
+    shmpool.torch.install()        # or: with shmpool.torch.installed(): ...
+
+After `install()`, the two pools inductor builds are shmpool pools:
+
+- the subprocess FX-compile pool (TORCHINDUCTOR_FX_COMPILE_MODE=subprocess), whose
+  job carries the whole pickled graph, frozen weights included, as one `bytes`
+  object: shmpool writes it straight into shared memory instead of down a pipe;
+- the async kernel-compile pool (config.worker_start_method = "subprocess"), still
+  woken by `AsyncCompile.wakeup()`, because our pool class derives from torch's.
+
+Workers are set up as torch's own (see `_torch_compat.init_worker`). Only pools
+built after `install()` are ours: a pool torch already built is shut down and
+rebuilt on next use, so install before compiling. `uninstall()` gives torch its
+own class back the same way.
+
+All use of torch private names lives in `shmpool._torch_compat`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+try:
+    import torch  # noqa: F401  (fail here, with the fix in the message, not deep in inductor)
+except ImportError as e:  # pragma: no cover - exercised only without torch
+    raise ImportError(
+        "shmpool.torch needs PyTorch, which is not installed: install the torch extra with "
+        "`pip install shmpool[torch]`"
+    ) from e
+
+from shmpool import SubprocKind, SubprocPool
+from shmpool import _torch_compat
+
+_torch_compat.check_supported()
+
+__all__ = [
+    "TorchSubprocPool",
+    "async_compile_pool",
+    "fx_compile_counts",
+    "fx_process_pool",
+    "install",
+    "installed",
+    "is_installed",
+    "subprocess_fx_compile",
+    "timed_call",
+    "uninstall",
+]
+
+_T = TypeVar("_T")
+
+
+class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: ignore[misc]
+    """A shmpool SubprocPool that inductor can build and recognise as its own.
+
+    It takes torch's constructor arguments (torch's SubprocKind and pickler), and it
+    is a subclass of torch's SubprocPool so every `isinstance(pool, SubprocPool)` in
+    torch holds. shmpool's class comes first in the MRO, so every method that runs is
+    shmpool's; torch's `__init__` is never called and its methods are never reached.
+    """
+
+    def __init__(
+        self,
+        nprocs: int,
+        pickler: Any = None,
+        kind: Any = SubprocKind.FORK,
+        quiesce: bool = False,
+    ) -> None:
+        # torch passes its own SubprocKind enum; the values are the same strings.
+        shm_kind = SubprocKind(kind.value)
+        # torch's base SubprocPickler is plain pickle, so it maps onto shmpool's default,
+        # which adds the zero-copy path. A subclass of it may change the format, so it
+        # is passed through unchanged.
+        if pickler is not None and type(pickler) is _torch_compat.torch_base_pickler_class():
+            pickler = None
+        parent_pid, torch_key, env = _torch_compat.parent_worker_state()
+        SubprocPool.__init__(
+            self,
+            nprocs,
+            pickler,
+            shm_kind,
+            quiesce,
+            initializer=_torch_compat.init_worker,
+            initargs=(parent_pid, torch_key, env),
+            quiesce_after=_torch_compat.quiesce_after_seconds(),
+        )
+
+
+# install()/uninstall() swap module globals that other threads read while compiling;
+# the lock keeps two installers from saving each other's class as "torch's".
+_lock = threading.Lock()
+_saved_globals: dict[str, type] | None = None
+
+
+def install() -> None:
+    """Make inductor build shmpool pools from now on. Idempotent; never raises once imported."""
+    global _saved_globals
+    with _lock:
+        if _saved_globals is not None:
+            return
+        saved = _torch_compat.pool_globals()
+        _torch_compat.set_pool_globals({name: TorchSubprocPool for name in saved})
+        _saved_globals = saved
+
+
+def uninstall() -> None:
+    """Give inductor its own pool class back and shut our pools down. Idempotent."""
+    global _saved_globals
+    with _lock:
+        if _saved_globals is None:
+            return
+        _torch_compat.set_pool_globals(_saved_globals)
+        _saved_globals = None
+
+
+def is_installed() -> bool:
+    return _saved_globals is not None
+
+
+@contextmanager
+def installed() -> Iterator[None]:
+    """install() for the block; uninstall() after it unless it was installed before."""
+    was_installed = is_installed()
+    install()
+    try:
+        yield
+    finally:
+        if not was_installed:
+            uninstall()
+
+
+def fx_process_pool() -> Any:
+    """The pool subprocess FX compiles use now: a TorchSubprocPool once installed."""
+    return _torch_compat.fx_process_pool()
+
+
+def async_compile_pool() -> Any:
+    """The pool async kernel compiles use now (when worker_start_method is "subprocess")."""
+    return _torch_compat.async_compile_pool()
+
+
+@contextmanager
+def subprocess_fx_compile() -> Iterator[None]:
+    """Compile FX graphs in a worker for the block, like TORCHINDUCTOR_FX_COMPILE_MODE=subprocess.
+
+    The environment variable only counts if set before torch._inductor is imported;
+    this works at any time.
+    """
+    with _torch_compat.fx_compile_mode_subprocess():
+        yield
+
+
+def fx_compile_counts() -> dict[str, int]:
+    """Graphs compiled so far by scheme: "_SubprocessFxCompile" went to a worker,
+    "_InProcessFxCompile" fell back to the parent."""
+    return _torch_compat.fx_compile_counts()
+
+
+def clear_fx_compile_counts() -> None:
+    _torch_compat.clear_fx_compile_counts()
+
+
+def timed_call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> tuple[_T, float, float]:
+    """Run fn in a worker and return (result, start, end) on CLOCK_MONOTONIC.
+
+    That clock is one system-wide clock on Linux, so the parent can subtract its own
+    submit and resolve times from these: the IPC cost of a job on either side of it.
+    """
+    start = time.clock_gettime(time.CLOCK_MONOTONIC)
+    result = fn(*args, **kwargs)
+    return result, start, time.clock_gettime(time.CLOCK_MONOTONIC)

@@ -1,0 +1,86 @@
+"""The wire header: the only thing that ever crosses a socket between shmpool processes.
+
+Every message is one fixed-size header; payload bytes live in shared memory and the header
+only says where. The layout, little-endian, 32 bytes::
+
+    0       4    5    6         8                16               24               32
+    +-------+----+----+---------+----------------+----------------+----------------+
+    | magic |ver |kind|  flags  |     job_id     |     offset     |     length     |
+    | SHMP  | u8 | u8 |   u16   |      u64       |      u64       |      u64       |
+    +-------+----+----+---------+----------------+----------------+----------------+
+
+``offset`` is a position in the sender's ring (a monotonically increasing byte count; the
+physical offset is ``offset % capacity``) or 0 for a one-off segment, whose memfd travels
+beside the header as SCM_RIGHTS ancillary data (flag ``ONEOFF``). For control messages the
+two u64 fields carry small integers named at each kind below.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+MAGIC = b"SHMP"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQQQ")
+HEADER_SIZE = HEADER.size  # 32
+_U64_MAX = (1 << 64) - 1
+
+
+class MsgKind(enum.IntEnum):
+    # parent -> worker
+    INIT = 1  # payload: the worker's set-up (sys.path, pickler, initializer); first message
+    JOB = 2  # payload: (fn, args, kwargs) pickled with the pool's pickler
+    QUIT = 3  # no payload: finish and exit
+    # worker -> parent
+    READY = 10  # no payload: INIT done; offset = worker pid
+    RESULT = 11  # payload: the job's return value
+    ERROR = 12  # payload: (exception name, traceback text) pickled with plain pickle
+    # parent <-> fork helper
+    FORK = 20  # parent -> helper; fds: socket, request ring, response ring; job_id = worker serial
+    FORKED = 21  # helper -> parent; job_id = worker serial, offset = pid
+    REAPED = 22  # helper -> parent; job_id = worker serial, offset = pid, length = raw wait status
+
+
+class Flag(enum.IntFlag):
+    NONE = 0
+    ONEOFF = 1  # the payload is in a one-off memfd sent with this header, not in the ring
+    RECYCLE = 2  # RESULT/ERROR: the worker is over its memory cap and exits after this message
+
+
+_KNOWN_FLAGS = int(Flag.ONEOFF | Flag.RECYCLE)
+_KINDS = frozenset(int(k) for k in MsgKind)
+
+
+class WireError(ValueError):
+    """A header that is not one shmpool sent: wrong size, magic, version, kind or flags."""
+
+
+class Header(NamedTuple):
+    kind: MsgKind
+    job_id: int
+    offset: int
+    length: int
+    flags: Flag
+
+
+def encode(kind: MsgKind, job_id: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, kind, flags, job_id, offset, length)
+
+
+def decode(data: bytes) -> Header:
+    """Parse and check one header. Raises WireError, never anything else, on bad input."""
+    if len(data) != HEADER_SIZE:
+        raise WireError(f"header of {len(data)} bytes, expected {HEADER_SIZE}")
+    magic, version, kind, flags, job_id, offset, length = HEADER.unpack(data)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}: not a shmpool peer")
+    if version != VERSION:
+        raise WireError(f"wire version {version}, this shmpool speaks {VERSION}: mixed installs?")
+    if kind not in _KINDS:
+        raise WireError(f"unknown message kind {kind}")
+    if flags & ~_KNOWN_FLAGS:
+        raise WireError(f"unknown flags {flags:#x}")
+    if offset + length > _U64_MAX:
+        raise WireError(f"region {offset}+{length} overflows")
+    return Header(MsgKind(kind), job_id, offset, length, Flag(flags))

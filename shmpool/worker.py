@@ -1,0 +1,183 @@
+"""The worker loop: receive a job header, unpickle from shared memory, run, reply.
+
+A worker is either a fresh interpreter (SPAWN, ``python -c 'from shmpool.worker import
+spawn_main; spawn_main()'``) or a fork of the fork helper (FORK). Either way it holds one
+socket and two memfd rings, all inherited as fds; everything else, the semaphore names
+included, arrives in its INIT payload through the request ring. It exits on EOF (the parent
+is gone), on QUIT, or after a reply flagged RECYCLE (over its memory cap).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import signal
+import socket
+import sys
+import traceback
+from typing import Any
+
+from . import wire
+from .channel import Endpoint, recv_header
+from .codec import dump, load
+from .errors import PayloadTooLargeError
+from .pickler import SubprocPickler
+from .ring import RingReader, RingWriter
+from .shm import Segment, open_and_unlink_semaphore
+
+_PR_SET_PDEATHSIG = 1
+RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
+_PLAIN = SubprocPickler()  # errors travel with plain pickle, whatever the pool's pickler is
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when our parent dies, so a worker busy in a long job does
+    not outlive it (an idle one would see EOF anyway). Exit now if it is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: EOF on the socket still ends an idle worker
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, request: Segment, response: Segment, parent_pid: int) -> None:
+        self.sock = sock
+        self.request = request
+        self.response = response
+        self.parent_pid = parent_pid
+        self.endpoint: Endpoint | None = None
+        self.pickler: SubprocPickler = _PLAIN
+        self.max_payload: int | None = None
+        self.memory_cap: int | None = None
+
+    def _parent_alive(self) -> bool:
+        return os.getppid() == self.parent_pid
+
+    def _init(self) -> bool:
+        """Read INIT, open the semaphores, run the initializer. False if the parent went away."""
+        got = recv_header(self.sock)
+        if got is None:
+            return False
+        header, fds = got
+        if header.kind != wire.MsgKind.INIT:
+            raise wire.WireError(f"expected INIT first, got {header.kind.name}")
+        # INIT is read before the semaphores exist on our side: bounds-check it by hand.
+        if fds or header.offset != 0 or not 0 < header.length <= self.request.size:
+            raise wire.WireError("malformed INIT header")
+        assert self.request.view is not None
+        boot, _ = load(self.request.view[: header.length], _PLAIN, copy_buffers=True)
+        assert isinstance(boot, dict)
+        sys.path[:] = boot["sys_path"]
+        request_freed = open_and_unlink_semaphore(boot["request_sem"])
+        response_freed = open_and_unlink_semaphore(boot["response_sem"])
+        incoming = RingReader(self.request, request_freed)
+        incoming.view(header.offset, header.length)  # account for INIT's region, then free it
+        incoming.free()
+        self.endpoint = Endpoint(self.sock, RingWriter(self.response, response_freed), incoming)
+        self.max_payload = boot["max_payload"]
+        self.memory_cap = boot["memory_cap"]
+        for key, value in boot["environ"].items():
+            os.environ[key] = value
+        try:
+            self.pickler = pickle.loads(boot["pickler"])
+            if boot["initializer"] is not None:
+                fn, args = self.pickler.loads(boot["initializer"])
+                fn(*args)
+        except BaseException:
+            self._reply_error(0, "worker initializer failed:\n" + traceback.format_exc())
+            return False
+        self.endpoint.send_control(wire.MsgKind.READY, 0, os.getpid())
+        return True
+
+    def _reply_error(self, job_id: int, details: str, flags: int = 0) -> None:
+        assert self.endpoint is not None
+        self.endpoint.send_payload(
+            wire.MsgKind.ERROR, job_id, dump(details, _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+        )
+
+    def _run_job(self, header: wire.Header, fds: list[int]) -> int:
+        """Run one job and reply. Returns the flags sent (RECYCLE means: exit now)."""
+        assert self.endpoint is not None
+        payload = self.endpoint.open_payload(header, fds)
+        try:
+            (fn, args, kwargs), uses_region = load(payload.view, self.pickler, copy_buffers=False)
+        except BaseException:
+            payload.release()
+            self._reply_error(header.job_id, "job could not be unpickled in the worker:\n" + traceback.format_exc())
+            return 0
+        if not uses_region:
+            payload.release()  # free the request slot before running: the parent can reuse it
+        try:
+            result: Any = fn(*args, **kwargs)
+            failure = None
+        except BaseException:
+            result, failure = None, traceback.format_exc()
+        del fn, args, kwargs
+        payload.release()  # out-of-band arguments were views into the slot until now
+        flags = 0
+        if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
+            flags = int(wire.Flag.RECYCLE)
+        if failure is not None:
+            self._reply_error(header.job_id, failure, flags)
+            return flags
+        try:
+            parts = dump(result, self.pickler)
+        except BaseException:
+            self._reply_error(header.job_id, "result could not be pickled:\n" + traceback.format_exc(), flags)
+            return flags
+        del result
+        if self.max_payload is not None and parts.size > self.max_payload:
+            err = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
+            self._reply_error(header.job_id, f"{type(err).__name__}: {err}\n", flags)
+            return flags
+        self.endpoint.send_payload(
+            wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+        )
+        return flags
+
+    def serve(self) -> None:
+        if not self._init():
+            return
+        while True:
+            got = recv_header(self.sock)
+            if got is None:
+                return  # the parent closed its end: it is gone or shutting down
+            header, fds = got
+            if header.kind == wire.MsgKind.QUIT:
+                return
+            if header.kind != wire.MsgKind.JOB:
+                raise wire.WireError(f"unexpected {header.kind.name} from the parent")
+            if self._run_job(header, fds) & wire.Flag.RECYCLE:
+                return
+
+
+def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> None:
+    """Entry for both kinds, once the fds are in place. Never returns."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops us
+    code = 0
+    try:
+        for fd in (sock_fd, request_fd, response_fd):
+            os.set_inheritable(fd, False)  # keep them out of processes a job starts
+        sock = socket.socket(fileno=sock_fd)
+        Worker(sock, Segment.attach(request_fd), Segment.attach(response_fd), parent_pid).serve()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def spawn_main() -> None:
+    sock_fd, request_fd, response_fd, parent_pid = (int(a) for a in sys.argv[1:5])
+    run(sock_fd, request_fd, response_fd, parent_pid)
