@@ -15,11 +15,20 @@ from .channel import send_header
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _python(entry: str, args: list[str], pass_fds: tuple[int, ...], env: dict[str, str] | None = None) -> subprocess.Popen:
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # Workers build a fresh bytes object for every large argument; with transparent huge pages
+    # for malloc'd blocks that costs one fault per 2 MiB instead of per 4 KiB (about 3x faster
+    # for 64 MiB here). glibc >= 2.35 reads this; older ones ignore it. A caller's own setting wins.
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    return env
+
+
+def _python(entry: str, args: list[str], pass_fds: tuple[int, ...]) -> subprocess.Popen:
     # -c rather than -m: shmpool must import in the child even when the caller runs it from a
     # source tree that is on its sys.path but not installed.
     code = f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); {entry}"
-    return subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=pass_fds, close_fds=True, env=env)
+    return subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=pass_fds, close_fds=True, env=_child_env())
 
 
 def spawn_worker(sock_fd: int, request_fd: int, response_fd: int) -> subprocess.Popen:

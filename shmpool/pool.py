@@ -24,11 +24,13 @@ Where the bytes go (one job, N bytes each way)::
 Payloads over half a ring go through a one-off memfd sent beside the header instead, with the
 same copies. Only 32-byte headers ever cross the socket.
 
-Threads: callers only pickle and enqueue. One dispatcher thread owns every process, socket and
-ring: it starts workers (so PDEATHSIG is tied to a thread that lives as long as they do), places
-jobs, reads replies, notices deaths, and enforces timeouts. It never polls: it blocks in one
-``select`` over every worker socket, the fork helper's socket and a wake-up pipe, with a timeout
-only when a deadline is pending.
+Threads: a caller pickles its job outside any lock, then, under the pool's one lock, places it
+straight into an idle worker's request ring (or queues it). One dispatcher thread starts every
+process (so PDEATHSIG is tied to a thread that lives as long as the workers), reads replies,
+notices deaths and enforces timeouts; after each reply it places the next queued job before
+unpickling the result, so the two overlap. It never polls: it blocks in one ``select`` over
+every worker socket, the fork helper's socket and a wake-up pipe, with a timeout only when a
+deadline is pending. Futures are resolved outside the lock, so done-callbacks may call back in.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ from .channel import Endpoint, recv_header
 from .codec import CodecError, Parts, dump, load
 from .errors import (
     JobTimeoutError,
+    describe_exit,
     PayloadTooLargeError,
     SubprocException,
     WorkerDiedError,
@@ -71,8 +74,11 @@ from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_nam
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RING_SIZE = 64 << 20  # per direction per worker; memfd pages are only used once touched
-MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in half a ring
+# Per direction per worker. Only pages a payload has touched use memory, and they stay (warm)
+# until the worker exits or the pool quiesces: a 256 MiB ring costs nothing for small jobs and
+# carries a 128 MiB FX graph without a one-off segment.
+DEFAULT_RING_SIZE = 256 << 20
+MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the ring
 PIPELINE_DEPTH = 1  # jobs placed on one worker at a time: more would queue a job behind a slow one
 QUIT_GRACE = 2.0  # seconds workers get to exit after QUIT at shutdown before SIGTERM
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL
@@ -225,6 +231,7 @@ class SubprocPool:
         self._quiesced = False  # guarded by _lock
         self._job_ids = itertools.count(1)  # 0 is the worker's own (initializer) message
         self._stats: dict[str, int] = dataclasses.asdict(PoolStats())
+        self._to_settle: list[tuple[Future, Any, BaseException | None]] = []  # guarded by _lock
 
         # Dispatcher-thread state from here on.
         self._workers: dict[int, _Worker] = {}
@@ -266,15 +273,23 @@ class SubprocPool:
         if self._max_payload is not None and parts.size > self._max_payload:
             raise PayloadTooLargeError(f"job {_describe(job_fn)}", parts.size, self._max_payload)
         future: Future = Future()
-        job = _Job(next(self._job_ids), future, parts, timeout if timeout is not None else self._job_timeout, _describe(job_fn))
+        job_timeout = timeout if timeout is not None else self._job_timeout
+        job = _Job(next(self._job_ids), future, parts, job_timeout, _describe(job_fn))
         with self._lock:
             if self._closing:
                 raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
-            self._pending.append(job)
+            was_quiesced = self._quiesced
             self._quiesced = False
             self._start_failures = 0  # a new job is worth one more start attempt
             self._stats["jobs_submitted"] += 1
-            self._wake()
+            self._last_activity = time.monotonic()
+            self._pending.append(job)
+            # Place it now, from this thread, when a worker is idle: the dispatcher only needs
+            # waking when it has something to do (start workers, watch a deadline).
+            self._place_pending(self._last_activity)
+            if self._pending or was_quiesced or job_timeout is not None or self._auto_quiesce:
+                self._wake()
+        self._flush()
         return future
 
     def quiesce(self) -> None:
@@ -309,12 +324,16 @@ class SubprocPool:
             self._thread.join(JOIN_LIMIT)
 
     def stats(self) -> PoolStats:
-        return PoolStats(**self._stats)
+        with self._lock:
+            return PoolStats(**self._stats)
 
     def worker_pids(self) -> list[int]:
-        return [w.pid for w in list(self._workers.values()) if w.pid is not None and w.eof_at is None]
+        """Pids of the live workers (FORK: their pids as the fork helper reported them)."""
+        with self._lock:
+            return [w.pid for w in self._workers.values() if w.pid is not None and w.eof_at is None]
 
     def helper_pids(self) -> list[int]:
+        """Pid of the FORK helper, if one is running."""
         helper = self._helper
         return [helper.pid] if helper is not None else []
 
@@ -324,6 +343,8 @@ class SubprocPool:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    # ---------------------------------------------------------------- shared, under _lock
+
     def _wake(self) -> None:
         """Nudge the dispatcher. Call with ``_lock`` held: teardown closes the pipe under it."""
         if self._wake_w < 0:
@@ -332,6 +353,73 @@ class SubprocPool:
             os.write(self._wake_w, b"\0")
         except BlockingIOError:
             pass  # the pipe is full: a wake-up is already pending
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        """Queue ``job``'s failure; ``_flush`` delivers it outside the lock (callbacks run then)."""
+        job.parts.release()
+        if not job.future.done():
+            self._stats["jobs_failed"] += 1
+            self._to_settle.append((job.future, None, exc))
+
+    def _flush(self) -> None:
+        """Resolve queued futures. Call without ``_lock``: done-callbacks may call back in."""
+        if not self._to_settle:
+            return
+        with self._lock:
+            todo, self._to_settle = self._to_settle, []
+        for future, value, exc in todo:
+            _settle(future, value, exc)
+
+    def _place_pending(self, now: float) -> None:
+        """Put queued jobs into idle workers' request rings."""
+        full: set[int] = set()
+        while self._pending and not self._closing:
+            job = self._pending[0]
+            candidates = [
+                w for w in self._workers.values()
+                if w.ready and not w.quitting and len(w.inflight) < PIPELINE_DEPTH and w.serial not in full
+            ]
+            if not candidates:
+                return
+            w = min(candidates, key=lambda c: len(c.inflight))
+            if not job.started:
+                if not job.future.set_running_or_notify_cancel():
+                    self._pending.popleft()  # cancelled while queued
+                    continue
+                job.started = True
+            try:
+                placed = w.endpoint.send_payload(wire.MsgKind.JOB, job.job_id, job.parts)
+            except SharedMemoryError as e:
+                self._pending.popleft()
+                self._fail(job, e)
+                continue
+            except OSError:
+                w.quitting = True  # its socket broke: it is dying, and EOF will say how
+                continue
+            if not placed:
+                full.add(w.serial)  # its ring is still busy with the previous job's result
+                continue
+            self._pending.popleft()
+            w.inflight.append(job)
+            if len(w.inflight) == 1 and job.timeout is not None:
+                job.deadline = now + job.timeout
+            size = job.parts.size
+            self._stats["bytes_to_workers"] += size
+            # The sender's write, plus the worker's read of all but what it uses in place, plus
+            # the extra copy a dumps()-only pickler makes before shmpool sees the bytes.
+            self._stats["copied_to_workers"] += size + (size - job.parts.oob_bytes) + (0 if self._zero_copy else size)
+            if size > w.endpoint.oneoff_threshold:
+                self._stats["oneoff_segments"] += 1
+
+    def _kill(self, w: _Worker) -> None:
+        w.quitting = True
+        try:
+            if w.proc is not None:
+                w.proc.kill()
+            elif w.pid is not None:
+                os.kill(w.pid, signal.SIGKILL)
+        except OSError:
+            pass  # already gone
 
     # ---------------------------------------------------------------- dispatcher thread
 
@@ -347,24 +435,28 @@ class SubprocPool:
             while not self._closing:
                 for key, _ in self._selector.select(self._next_timeout()):
                     key.data()
-                if self._closing:
-                    break
-                now = time.monotonic()
-                self._expire(now)
-                self._start_or_stop_workers(now)
-                self._dispatch(now)
+                    self._flush()
+                with self._lock:
+                    if self._closing:
+                        break
+                    now = time.monotonic()
+                    self._expire(now)
+                    self._start_or_stop_workers()
+                    self._place_pending(now)
+                self._flush()
         except BaseException:
             log.exception("shmpool dispatcher failed; failing every job")
+        finally:
             with self._lock:
                 self._closing = True
-        finally:
             self._teardown()
 
     def _next_timeout(self) -> float | None:
-        deadlines = [w.inflight[0].deadline for w in self._workers.values() if w.inflight and w.inflight[0].deadline]
-        deadlines += [w.eof_at + EXIT_STATUS_WAIT for w in self._workers.values() if w.eof_at is not None]
-        if self._auto_quiesce and not self._quiesced and self._workers:
-            deadlines.append(self._last_activity + self._quiesce_after)
+        with self._lock:
+            deadlines = [w.inflight[0].deadline for w in self._workers.values() if w.inflight and w.inflight[0].deadline]
+            deadlines += [w.eof_at + EXIT_STATUS_WAIT for w in self._workers.values() if w.eof_at is not None]
+            if self._auto_quiesce and not self._quiesced and self._workers:
+                deadlines.append(self._last_activity + self._quiesce_after)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -374,7 +466,6 @@ class SubprocPool:
             job = w.inflight[0] if w.inflight else None
             if job is not None and job.deadline is not None and now >= job.deadline and not w.timed_out:
                 w.timed_out = True
-                w.quitting = True
                 self._fail(job, JobTimeoutError(
                     f"job {job.desc} ran past its timeout of {job.timeout} s; "
                     f"its worker (pid {w.pid}) was killed and will be replaced"
@@ -384,11 +475,9 @@ class SubprocPool:
                 self._finish_worker(w)  # the exit status never came (the fork helper died too)
         idle = not self._pending and not any(w.inflight for w in self._workers.values())
         if self._auto_quiesce and idle and now - self._last_activity >= self._quiesce_after:
-            with self._lock:
-                if not self._pending:
-                    self._quiesced = True
+            self._quiesced = True
 
-    def _start_or_stop_workers(self, now: float) -> None:
+    def _start_or_stop_workers(self) -> None:
         if self._quiesced:
             for w in self._workers.values():
                 if not w.inflight and not w.quitting:
@@ -396,10 +485,12 @@ class SubprocPool:
                     self._send_quit(w)
             return
         if self._start_failures >= MAX_START_FAILURES:
-            self._fail_pending(WorkerStartError(
-                f"{self._start_failures} workers in a row died while starting; last: {self._start_error}. "
+            error = WorkerStartError(
+                f"{self._start_failures} workers in a row failed to start; last: {self._start_error}. "
                 "Fix the cause (initializer, environment) and submit again."
-            ))
+            )
+            while self._pending:
+                self._fail(self._pending.popleft(), error)
             return
         live = sum(1 for w in self._workers.values() if not w.quitting)
         for _ in range(self.nprocs - live):
@@ -454,54 +545,6 @@ class SubprocPool:
         self._selector.register(parent_sock, selectors.EVENT_READ, functools.partial(self._on_worker, w))
         self._stats["workers_started"] += 1
 
-    def _dispatch(self, now: float) -> None:
-        full: set[int] = set()
-        while True:
-            with self._lock:
-                if not self._pending:
-                    return
-                job = self._pending[0]
-            candidates = [
-                w for w in self._workers.values()
-                if w.ready and not w.quitting and len(w.inflight) < PIPELINE_DEPTH and w.serial not in full
-            ]
-            if not candidates:
-                return
-            w = min(candidates, key=lambda c: len(c.inflight))
-            if not job.started:
-                if not job.future.set_running_or_notify_cancel():
-                    self._pop_pending(job)  # cancelled while queued
-                    continue
-                job.started = True
-            try:
-                placed = w.endpoint.send_payload(wire.MsgKind.JOB, job.job_id, job.parts)
-            except SharedMemoryError as e:
-                self._pop_pending(job)
-                self._fail(job, e)
-                continue
-            except OSError:
-                w.quitting = True  # its socket broke: it is dying; EOF will tell us how
-                continue
-            if not placed:
-                full.add(w.serial)
-                continue
-            self._pop_pending(job)
-            w.inflight.append(job)
-            if len(w.inflight) == 1 and job.timeout is not None:
-                job.deadline = now + job.timeout
-            size = job.parts.size
-            self._stats["bytes_to_workers"] += size
-            # sender's write, plus the worker's read of everything not used in place
-            copies = size + (size - job.parts.oob_bytes) + (0 if self._zero_copy else size)
-            self._stats["copied_to_workers"] += copies
-            if size > w.endpoint.oneoff_threshold:
-                self._stats["oneoff_segments"] += 1
-
-    def _pop_pending(self, job: _Job) -> None:
-        with self._lock:
-            if self._pending and self._pending[0] is job:
-                self._pending.popleft()
-
     def _on_worker(self, w: _Worker) -> None:
         while True:
             try:
@@ -509,38 +552,47 @@ class SubprocPool:
             except BlockingIOError:
                 return
             except (wire.WireError, OSError) as e:
-                self._protocol_error(w, f"bad message from worker: {e}")
+                with self._lock:
+                    self._protocol_error(w, f"bad message: {e}")
                 return
             if got is None:
-                self._selector.unregister(w.endpoint.sock)
-                w.eof_at = time.monotonic()
-                if w.proc is not None:
-                    try:
-                        w.exitcode = w.proc.wait(EXIT_STATUS_WAIT)
-                    except subprocess.TimeoutExpired:
-                        w.proc.kill()
-                        w.exitcode = w.proc.wait()
-                    w.status_known = True
-                if w.status_known or (self._helper is None):
-                    self._finish_worker(w)
+                self._on_worker_eof(w)
                 return
             header, fds = got
             try:
                 if header.kind == wire.MsgKind.READY:
-                    w.ready = True
-                    w.pid = header.offset
-                    self._start_failures = 0
-                    for name in w.sem_names:
-                        unlink_semaphore(name)  # the worker did already; this covers a kill in between
+                    with self._lock:
+                        w.ready = True
+                        w.pid = header.offset
+                        self._start_failures = 0
+                        for name in w.sem_names:
+                            unlink_semaphore(name)  # the worker did already; this covers a kill in between
+                        self._place_pending(time.monotonic())
                 elif header.kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR):
                     self._on_reply(w, header, fds)
                 else:
                     raise wire.WireError(f"unexpected {header.kind.name} from a worker")
             except (wire.WireError, RingError, CodecError) as e:
-                self._protocol_error(w, str(e))
+                with self._lock:
+                    self._protocol_error(w, str(e))
                 return
 
     def _on_reply(self, w: _Worker, header: wire.Header, fds: list[int]) -> None:
+        init_failed = header.job_id == 0 and header.kind == wire.MsgKind.ERROR and not w.ready
+        with self._lock:
+            if not init_failed:
+                if not w.inflight or w.inflight[0].job_id != header.job_id:
+                    raise wire.WireError(f"reply for job {header.job_id}, which that worker was not running")
+                job = w.inflight.popleft()
+                now = time.monotonic()
+                self._last_activity = now
+                if header.flags & wire.Flag.RECYCLE:
+                    w.quitting = True  # over its memory cap: it exits now, a fresh one replaces it
+                if w.inflight and w.inflight[0].timeout is not None:
+                    w.inflight[0].deadline = now + w.inflight[0].timeout
+                # Hand the worker its next job before unpickling this result: the two overlap.
+                self._place_pending(now)
+        # The response ring is read only by this thread: no lock for the payload itself.
         payload = w.endpoint.open_payload(header, fds)
         try:
             if header.kind == wire.MsgKind.ERROR:
@@ -556,27 +608,34 @@ class SubprocPool:
                     )
         finally:
             payload.release()
-        if header.job_id == 0 and header.kind == wire.MsgKind.ERROR and not w.ready:
-            # The initializer raised: every start would fail the same way, so fail the queue.
-            self._start_failures = MAX_START_FAILURES
-            self._start_error = exc.details if isinstance(exc, SubprocException) else "initializer failed"
+        if init_failed:
+            with self._lock:
+                # Every start would fail the same way: fail the queue instead of looping.
+                self._start_failures = MAX_START_FAILURES
+                self._start_error = exc.details if isinstance(exc, SubprocException) else "initializer failed"
             return
-        if not w.inflight or w.inflight[0].job_id != header.job_id:
-            raise wire.WireError(f"reply for job {header.job_id}, which that worker was not running")
-        job = w.inflight.popleft()
-        self._last_activity = time.monotonic()
-        self._stats["bytes_from_workers"] += header.length
-        self._stats["copied_from_workers"] += 2 * header.length
-        if header.flags & wire.Flag.RECYCLE:
-            w.quitting = True  # over its memory cap: it exits now, a fresh one replaces it
-        if w.inflight and w.inflight[0].timeout is not None:
-            w.inflight[0].deadline = time.monotonic() + w.inflight[0].timeout
-        job.parts.release()
-        if exc is None:
-            if _settle(job.future, value):
-                self._stats["jobs_completed"] += 1
-        elif _settle(job.future, exc=exc):
-            self._stats["jobs_failed"] += 1
+        with self._lock:
+            job.parts.release()
+            self._stats["bytes_from_workers"] += header.length
+            self._stats["copied_from_workers"] += 2 * header.length  # worker's write, our read
+            if not job.future.done():
+                self._stats["jobs_completed" if exc is None else "jobs_failed"] += 1
+        _settle(job.future, value, exc)
+
+    def _on_worker_eof(self, w: _Worker) -> None:
+        self._selector.unregister(w.endpoint.sock)
+        w.eof_at = time.monotonic()
+        if w.proc is not None:
+            try:
+                w.exitcode = w.proc.wait(EXIT_STATUS_WAIT)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()  # closed its socket but lingers: it is no use to us
+                w.exitcode = w.proc.wait()
+            w.status_known = True
+        with self._lock:
+            if w.status_known or self._helper is None:
+                self._finish_worker(w)
+            # else: a FORK worker; the helper's REAPED message (or a deadline) finishes it
 
     def _on_helper(self) -> None:
         helper = self._helper
@@ -587,49 +646,44 @@ class SubprocPool:
             except BlockingIOError:
                 return
             except (wire.WireError, OSError) as e:
-                log.warning("shmpool fork helper sent a bad message (%s); restarting it", e)
+                log.warning("shmpool fork helper sent a bad message (%s); replacing it", e)
                 got = None
             if got is None:
-                # The helper is gone; its workers die with it (PDEATHSIG) and their exit
-                # statuses with it. A new helper starts with the next worker.
-                self._selector.unregister(helper.sock)
-                self._helper = None
-                helper.close(EXIT_STATUS_WAIT)
-                for w in list(self._workers.values()):
-                    if w.proc is None and not w.status_known:
-                        self._kill(w)
-                        w.status_known = True  # as known as it will ever be: exitcode None
-                        if w.eof_at is not None:
-                            self._finish_worker(w)
+                self._on_helper_gone(helper)
                 return
             header, _ = got
-            w = self._workers.get(header.job_id)
-            if w is None:
-                continue
-            if header.kind == wire.MsgKind.FORKED:
-                w.pid = header.offset
-            elif header.kind == wire.MsgKind.REAPED:
-                w.exitcode = os.waitstatus_to_exitcode(header.length)
-                w.status_known = True
-                if w.eof_at is not None:
-                    self._finish_worker(w)
+            with self._lock:
+                w = self._workers.get(header.job_id)
+                if w is None:
+                    continue
+                if header.kind == wire.MsgKind.FORKED:
+                    w.pid = header.offset
+                elif header.kind == wire.MsgKind.REAPED:
+                    w.exitcode = os.waitstatus_to_exitcode(header.length)
+                    w.status_known = True
+                    if w.eof_at is not None:
+                        self._finish_worker(w)
+
+    def _on_helper_gone(self, helper: ForkHelper) -> None:
+        # Its workers die with it (PDEATHSIG), and their exit statuses with it. A new helper
+        # starts with the next worker.
+        self._selector.unregister(helper.sock)
+        helper.close(EXIT_STATUS_WAIT)
+        with self._lock:
+            self._helper = None
+            for w in list(self._workers.values()):
+                if w.proc is None and not w.status_known:
+                    self._kill(w)
+                    w.status_known = True  # as known as it will ever be: exitcode None
+                    if w.eof_at is not None:
+                        self._finish_worker(w)
 
     def _protocol_error(self, w: _Worker, why: str) -> None:
         log.error("shmpool worker pid %s broke the protocol (%s); killing it", w.pid, why)
-        w.quitting = True
         if w.inflight:
-            self._fail(w.inflight.popleft(), WorkerDiedError(w.pid or -1, None, f"a job (protocol error: {why})"))
+            job = w.inflight.popleft()
+            self._fail(job, WorkerDiedError(w.pid or -1, None, f"job {job.desc} (protocol error: {why})"))
         self._kill(w)
-
-    def _kill(self, w: _Worker) -> None:
-        w.quitting = True
-        try:
-            if w.proc is not None:
-                w.proc.kill()
-            elif w.pid is not None:
-                os.kill(w.pid, signal.SIGKILL)
-        except (ProcessLookupError, OSError):
-            pass
 
     def _finish_worker(self, w: _Worker) -> None:
         """A worker is gone: fail the job it was running, put the rest back, free its rings."""
@@ -643,28 +697,17 @@ class SubprocPool:
         expected = w.quitting and w.exitcode == 0 and not w.timed_out
         if not w.ready and not expected:
             self._start_failures += 1
-            self._start_error = f"worker pid {w.pid} exited with {w.exitcode} before it was ready"
+            self._start_error = f"worker pid {w.pid} ended ({describe_exit(w.exitcode)}) before it was ready"
         requeue = list(w.inflight)
-        if requeue and not expected and not self._closing:
-            job = requeue.pop(0)
+        if not expected and w.ready and not w.timed_out:
             self._stats["workers_died"] += 1
-            self._fail(job, WorkerDiedError(w.pid or -1, w.exitcode if w.status_known else None, f"job {job.desc}"))
-        elif not expected and w.ready and not w.timed_out:
-            self._stats["workers_died"] += 1
-        with self._lock:
-            self._pending.extendleft(reversed(requeue))  # never started: run them elsewhere
-
-    def _fail(self, job: _Job, exc: BaseException) -> None:
-        job.parts.release()
-        if _settle(job.future, exc=exc):
-            self._stats["jobs_failed"] += 1
-
-    def _fail_pending(self, exc: BaseException) -> None:
-        with self._lock:
-            jobs = list(self._pending)
-            self._pending.clear()
-        for job in jobs:
-            self._fail(job, exc)
+            if requeue:
+                job = requeue.pop(0)
+                exitcode = w.exitcode if w.status_known else None
+                self._fail(job, WorkerDiedError(w.pid or -1, exitcode, f"job {job.desc}"))
+        elif w.timed_out and requeue and requeue[0].future.done():
+            requeue.pop(0)  # the job that timed out, already failed
+        self._pending.extendleft(reversed(requeue))  # never started: run them elsewhere
 
     def _send_quit(self, w: _Worker) -> None:
         try:
@@ -675,13 +718,16 @@ class SubprocPool:
     def _teardown(self) -> None:
         """Staged stop: fail what is left, QUIT, close, then SIGTERM and SIGKILL what lingers."""
         closed = RuntimeError("SubprocPool closed")
-        self._fail_pending(closed)
-        workers = list(self._workers.values())
-        for w in workers:
-            while w.inflight:
-                self._fail(w.inflight.popleft(), closed)
-            self._send_quit(w)
-            w.quitting = True
+        with self._lock:
+            while self._pending:
+                self._fail(self._pending.popleft(), closed)
+            workers = list(self._workers.values())
+            for w in workers:
+                while w.inflight:
+                    self._fail(w.inflight.popleft(), closed)
+                w.quitting = True
+                self._send_quit(w)
+        self._flush()
         for w in workers:
             try:
                 w.endpoint.close()  # EOF for a worker still busy in a job
@@ -705,9 +751,9 @@ class SubprocPool:
         if self._helper is not None:
             self._helper.close(QUIT_GRACE)
             self._helper = None
-        self._workers.clear()
         self._selector.close()
         with self._lock:
+            self._workers.clear()
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1

@@ -10,6 +10,9 @@ Invariants (one ring per direction per worker, so each side has exactly one writ
     simply never posts; its rings die with it (each worker has its own).
   * The producer learns what was freed by draining ``freed``; each unit pops the oldest
     outstanding region, so ``tail`` is the end of that region (padding included).
+  * When nothing is outstanding the next region starts again at physical offset 0: the front
+    of the buffer stays faulted in and hot in cache, instead of every payload walking onto
+    fresh pages until the ring wraps.
 """
 from __future__ import annotations
 
@@ -52,7 +55,11 @@ class RingWriter:
             raise ValueError(f"region of {size} bytes does not fit a ring of {self.capacity}")
         self._collect()
         pos = self.head % self.capacity
-        pad = self.capacity - pos if pos + size > self.capacity else 0
+        if not self._outstanding:
+            pad = (self.capacity - pos) % self.capacity  # empty: rewind to the warm front
+            self.tail = self.head + pad
+        else:
+            pad = self.capacity - pos if pos + size > self.capacity else 0
         start = self.head + pad
         if start + size - self.tail > self.capacity:
             return None
@@ -100,13 +107,14 @@ class RingReader:
         """The region a header names, after checking it is the next one the producer could
         have handed out: in order, inside the buffer, never overlapping an unfreed region."""
         pos = start % self.capacity
+        floor = self._released if self._unfreed else start  # where unfreed data begins
         if (
             size <= 0
             or size > self.capacity
             or start < self._last_end
             or start - self._last_end >= self.capacity
             or pos + size > self.capacity
-            or start + size - self._released > self.capacity
+            or start + size - floor > self.capacity
         ):
             raise RingError(
                 f"region {start}+{size} is not a valid next region of a {self.capacity}-byte ring "

@@ -42,14 +42,15 @@ class MsgKind(enum.IntEnum):
     REAPED = 22  # helper -> parent; job_id = worker serial, offset = pid, length = raw wait status
 
 
-class Flag(enum.IntFlag):
-    NONE = 0
+class Flag:
+    """Bits of the flags field (plain ints: this is on the per-message hot path)."""
+
     ONEOFF = 1  # the payload is in a one-off memfd sent with this header, not in the ring
     RECYCLE = 2  # RESULT/ERROR: the worker is over its memory cap and exits after this message
 
 
-_KNOWN_FLAGS = int(Flag.ONEOFF | Flag.RECYCLE)
-_KINDS = frozenset(int(k) for k in MsgKind)
+_KNOWN_FLAGS = Flag.ONEOFF | Flag.RECYCLE
+_KINDS = {int(k): k for k in MsgKind}
 
 
 class WireError(ValueError):
@@ -61,7 +62,7 @@ class Header(NamedTuple):
     job_id: int
     offset: int
     length: int
-    flags: Flag
+    flags: int
 
 
 def encode(kind: MsgKind, job_id: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
@@ -77,10 +78,11 @@ def decode(data: bytes) -> Header:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}: not a shmpool peer")
     if version != VERSION:
         raise WireError(f"wire version {version}, this shmpool speaks {VERSION}: mixed installs?")
-    if kind not in _KINDS:
+    msg_kind = _KINDS.get(kind)
+    if msg_kind is None:
         raise WireError(f"unknown message kind {kind}")
     if flags & ~_KNOWN_FLAGS:
         raise WireError(f"unknown flags {flags:#x}")
     if offset + length > _U64_MAX:
         raise WireError(f"region {offset}+{length} overflows")
-    return Header(MsgKind(kind), job_id, offset, length, Flag(flags))
+    return Header(msg_kind, job_id, offset, length, flags)

@@ -1,0 +1,86 @@
+"""Job functions for the core tests. Module-level so both kinds of worker can import them (the
+pool passes its sys.path on, which is how a test folder's module reaches a SPAWN worker)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def add(a: int, b: int, *, scale: int = 1) -> int:
+    return (a + b) * scale
+
+
+def pid() -> int:
+    return os.getpid()
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def boom(message: str) -> None:
+    raise ValueError(message)
+
+
+def exit_now(code: int) -> None:
+    os._exit(code)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def array_info(a: np.ndarray) -> dict[str, Any]:
+    """How the worker received an array: owning its memory, or viewing someone else's."""
+    return {"owndata": bool(a.flags.owndata), "sum": float(a.sum()), "shape": a.shape, "dtype": str(a.dtype)}
+
+
+def double(a: np.ndarray) -> np.ndarray:
+    return a * 2
+
+
+def getenv(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def unpicklable_result() -> Any:
+    import threading
+
+    return threading.Lock()
+
+
+def hold_memory(nbytes: int) -> int:
+    global _held
+    _held = bytearray(nbytes)
+    _held[::4096] = b"x" * len(_held[::4096])  # touch every page so it counts in RSS
+    return os.getpid()
+
+
+_held: bytearray | None = None
+
+
+def set_env(name: str, value: str) -> None:
+    """An initializer: leaves a trace each worker start."""
+    os.environ[name] = value
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer says no")
+
+
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -1,0 +1,92 @@
+"""The ring on its own, with a real memfd and real POSIX semaphores, in one process."""
+from collections.abc import Iterator
+
+import posix_ipc
+import pytest
+
+from shmpool.ring import RingError, RingReader, RingWriter
+from shmpool.shm import Segment, create_semaphore, new_semaphore_name, unlink_semaphore
+
+CAPACITY = 1 << 12
+
+
+@pytest.fixture
+def ring() -> Iterator[tuple[RingWriter, RingReader]]:
+    name = new_semaphore_name()
+    sem = create_semaphore(name)
+    segment = Segment.create(CAPACITY)
+    try:
+        yield RingWriter(segment, sem), RingReader(segment, sem)
+    finally:
+        unlink_semaphore(name)
+        sem.close()
+        segment.close()
+
+
+def test_regions_are_handed_out_in_order_and_freed_fifo(ring) -> None:
+    writer, reader = ring
+    a = writer.try_reserve(1000)
+    b = writer.try_reserve(1000)
+    assert (a, b) == (0, 1000)
+    writer.view(a, 3)[:] = b"abc"
+    assert bytes(reader.view(a, 1000)[:3]) == b"abc"
+    reader.view(b, 1000)
+    assert writer.try_reserve(3000) is None  # 2000 used of 4096: no room for 3000
+    reader.free()
+    reader.free()
+    assert writer.try_reserve(3000) == CAPACITY  # empty again: the next lap, physical offset 0
+
+
+def test_wraps_around_the_end_with_padding(ring) -> None:
+    writer, reader = ring
+    first = writer.try_reserve(3000)
+    reader.view(first, 3000)
+    second = writer.try_reserve(500)
+    reader.view(second, 500)
+    reader.free()  # first freed; second still outstanding at 3000..3500
+    third = writer.try_reserve(1000)  # does not fit before the end: skips to the next lap
+    assert third == CAPACITY
+    assert reader.view(third, 1000).nbytes == 1000
+
+
+def test_reader_rejects_regions_a_writer_could_not_have_made(ring) -> None:
+    writer, reader = ring
+    with pytest.raises(RingError):
+        reader.view(CAPACITY - 10, 20)  # crosses the end of the buffer
+    with pytest.raises(RingError):
+        reader.view(0, CAPACITY + 1)  # bigger than the ring
+    reader.view(0, 100)
+    with pytest.raises(RingError):
+        reader.view(50, 10)  # goes backwards
+    with pytest.raises(RingError):
+        reader.view(100, CAPACITY)  # would overlap the unfreed region
+
+
+def test_blocking_reserve_gives_up_when_the_peer_is_gone(ring) -> None:
+    writer, _ = ring
+    assert writer.try_reserve(CAPACITY) == 0
+    asked: list[int] = []
+
+    def still_wanted() -> bool:
+        asked.append(1)
+        return len(asked) < 2
+
+    assert writer.reserve(10, 0.01, still_wanted) is None
+    assert len(asked) == 2
+
+
+def test_semaphores_are_private_and_unguessable() -> None:
+    a, b = new_semaphore_name(), new_semaphore_name()
+    assert a != b and a.startswith("/shmp.") and len(a.rsplit(".", 1)[1]) == 16
+    sem = create_semaphore(a)
+    try:
+        import os
+        import stat
+
+        mode = stat.S_IMODE(os.stat("/dev/shm/sem." + a[1:]).st_mode)
+        assert mode == 0o600
+        with pytest.raises(posix_ipc.ExistentialError):
+            create_semaphore(a)  # O_CREX: never adopt someone else's
+    finally:
+        unlink_semaphore(a)
+        sem.close()
