@@ -70,7 +70,10 @@ def serve(ctrl_fd: int, parent_pid: int, preload: list[str]) -> None:
                 selector.unregister(key.fd)
                 os.close(key.fd)
                 _, status = os.waitpid(pid, 0)
-                send_header(ctrl, wire.encode(wire.MsgKind.REAPED, serial, pid, status))
+                try:
+                    send_header(ctrl, wire.encode(wire.MsgKind.REAPED, serial, pid, status))
+                except OSError:
+                    return  # the parent is gone: nobody left to tell
 
 
 def main() -> None:

@@ -43,12 +43,16 @@ class CloudPickler(SubprocPickler):
         return cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
 
 
+_zero_copy_by_type: dict[type, bool] = {}  # asked per message: answer once per class
+
+
 def has_zero_copy(pickler: object) -> bool:
     """True when ``pickler`` speaks the zero-copy hooks and has not redefined the format by
     overriding ``dumps`` alone."""
     cls = type(pickler)
-    if not isinstance(pickler, SubprocPickler):
-        return False
-    overrides_dumps = cls.dumps is not SubprocPickler.dumps
-    overrides_hook = cls.make_pickler is not SubprocPickler.make_pickler
-    return not overrides_dumps or overrides_hook
+    known = _zero_copy_by_type.get(cls)
+    if known is None:
+        overrides_dumps = getattr(cls, "dumps", None) is not SubprocPickler.dumps
+        overrides_hook = getattr(cls, "make_pickler", None) is not SubprocPickler.make_pickler
+        known = _zero_copy_by_type[cls] = issubclass(cls, SubprocPickler) and (not overrides_dumps or overrides_hook)
+    return known

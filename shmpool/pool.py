@@ -232,6 +232,7 @@ class SubprocPool:
         self._job_ids = itertools.count(1)  # 0 is the worker's own (initializer) message
         self._stats: dict[str, int] = dataclasses.asdict(PoolStats())
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []  # guarded by _lock
+        self._chores = True  # dispatcher: check deadlines, worker count and the queue next round
 
         # Dispatcher-thread state from here on.
         self._workers: dict[int, _Worker] = {}
@@ -424,6 +425,7 @@ class SubprocPool:
     # ---------------------------------------------------------------- dispatcher thread
 
     def _drain_wake(self) -> None:
+        self._chores = True
         try:
             while os.read(self._wake_r, 4096):
                 pass
@@ -433,9 +435,17 @@ class SubprocPool:
     def _run(self) -> None:
         try:
             while not self._closing:
-                for key, _ in self._selector.select(self._next_timeout()):
+                events = self._selector.select(self._next_timeout())
+                if not events:
+                    self._chores = True  # a deadline came due
+                for key, _ in events:
                     key.data()
                     self._flush()
+                # A plain reply needs nothing more (it placed the next job itself); skipping the
+                # chores then keeps the GIL free for the caller waking up on its result.
+                if not self._chores:
+                    continue
+                self._chores = False
                 with self._lock:
                     if self._closing:
                         break
@@ -561,6 +571,7 @@ class SubprocPool:
             header, fds = got
             try:
                 if header.kind == wire.MsgKind.READY:
+                    self._chores = True
                     with self._lock:
                         w.ready = True
                         w.pid = header.offset
@@ -588,6 +599,7 @@ class SubprocPool:
                 self._last_activity = now
                 if header.flags & wire.Flag.RECYCLE:
                     w.quitting = True  # over its memory cap: it exits now, a fresh one replaces it
+                    self._chores = True
                 if w.inflight and w.inflight[0].timeout is not None:
                     w.inflight[0].deadline = now + w.inflight[0].timeout
                 # Hand the worker its next job before unpickling this result: the two overlap.
@@ -609,6 +621,7 @@ class SubprocPool:
         finally:
             payload.release()
         if init_failed:
+            self._chores = True
             with self._lock:
                 # Every start would fail the same way: fail the queue instead of looping.
                 self._start_failures = MAX_START_FAILURES
@@ -623,6 +636,7 @@ class SubprocPool:
         _settle(job.future, value, exc)
 
     def _on_worker_eof(self, w: _Worker) -> None:
+        self._chores = True
         self._selector.unregister(w.endpoint.sock)
         w.eof_at = time.monotonic()
         if w.proc is not None:
@@ -638,6 +652,7 @@ class SubprocPool:
             # else: a FORK worker; the helper's REAPED message (or a deadline) finishes it
 
     def _on_helper(self) -> None:
+        self._chores = True
         helper = self._helper
         assert helper is not None
         while True:
@@ -679,6 +694,7 @@ class SubprocPool:
                         self._finish_worker(w)
 
     def _protocol_error(self, w: _Worker, why: str) -> None:
+        self._chores = True
         log.error("shmpool worker pid %s broke the protocol (%s); killing it", w.pid, why)
         if w.inflight:
             job = w.inflight.popleft()
