@@ -4,9 +4,10 @@ torch has no public hook for choosing the pool that inductor compiles in, so the
 glue in `shmpool.torch` has to reach into `torch._inductor`. Each function below
 is the only place one private name is touched, and says why.
 
-Checked against torch 2.13.0 (the system torch) and 2.14.1 (installed from local
-wheels into a throwaway venv): the names and signatures used here are the same
-in both. `check_supported()` fails early, naming the missing piece, if a later
+Checked against torch 2.13.0 (run: tests/torch) and 2.14.1 (source read and
+diffed from a throwaway venv, not run): the names and signatures used here are the
+same in both; 2.14.1 only adds an optional `close_fds` to `_async_compile_initializer`
+and may send None values in the FX job's extra_env, neither of which we depend on. `check_supported()` fails early, naming the missing piece, if a later
 torch moves one of them.
 
 What we rely on, read from torch 2.13.0's source:

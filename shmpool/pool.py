@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 DEFAULT_RING_SIZE = 256 << 20
 MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the ring
 PIPELINE_DEPTH = 1  # jobs placed on one worker at a time: more would queue a job behind a slow one
-QUIT_GRACE = 2.0  # seconds workers get to exit after QUIT at shutdown before SIGTERM
+QUIT_GRACE = 2.0  # seconds workers get to exit after QUIT (idle) or SIGTERM (busy) at shutdown
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL
 EXIT_STATUS_WAIT = 5.0  # seconds to wait for a dead worker's exit status before failing its job anyway
 MAX_START_FAILURES = 3  # consecutive workers dying before READY: stop retrying, fail the queue
@@ -414,11 +414,15 @@ class SubprocPool:
 
     def _kill(self, w: _Worker) -> None:
         w.quitting = True
+        self._signal(w, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(w: _Worker, signum: int) -> None:
         try:
             if w.proc is not None:
-                w.proc.kill()
+                w.proc.send_signal(signum)
             elif w.pid is not None:
-                os.kill(w.pid, signal.SIGKILL)
+                os.kill(w.pid, signum)
         except OSError:
             pass  # already gone
 
@@ -739,10 +743,14 @@ class SubprocPool:
                 self._fail(self._pending.popleft(), closed)
             workers = list(self._workers.values())
             for w in workers:
-                while w.inflight:
-                    self._fail(w.inflight.popleft(), closed)
                 w.quitting = True
-                self._send_quit(w)
+                if w.inflight:
+                    # Its job's future is failed below; nobody waits for what it computes.
+                    self._signal(w, signal.SIGTERM)
+                    while w.inflight:
+                        self._fail(w.inflight.popleft(), closed)
+                else:
+                    self._send_quit(w)
         self._flush()
         for w in workers:
             try:

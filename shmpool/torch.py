@@ -55,6 +55,15 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+# Ring size (per direction per worker) for the pools torch builds. A subprocess FX
+# job of a frozen model carries every weight, hundreds of MB: a payload over half
+# the ring takes a fresh memfd each time, and faulting those shmem pages in costs
+# more than the copy itself (268 MB: ~600 ms in a one-off segment, ~90 ms through
+# a ring already touched). Ring pages are only allocated once touched, so pools of
+# small kernel-compile jobs pay nothing for the size; touched pages stay resident
+# until the worker stops (quiesce() or shutdown() gives them back).
+DEFAULT_TORCH_RING_SIZE = 1 << 30
+
 
 class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: ignore[misc]
     """A shmpool SubprocPool that inductor can build and recognise as its own.
@@ -64,6 +73,8 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
     torch holds. shmpool's class comes first in the MRO, so every method that runs is
     shmpool's; torch's `__init__` is never called and its methods are never reached.
     """
+
+    ring_size: int = DEFAULT_TORCH_RING_SIZE  # set by install(ring_size=...)
 
     def __init__(
         self,
@@ -89,6 +100,7 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
             initializer=_torch_compat.init_worker,
             initargs=(parent_pid, torch_key, env),
             quiesce_after=_torch_compat.quiesce_after_seconds(),
+            ring_size=self.ring_size,
         )
 
 
@@ -98,10 +110,14 @@ _lock = threading.Lock()
 _saved_globals: dict[str, type] | None = None
 
 
-def install() -> None:
-    """Make inductor build shmpool pools from now on. Idempotent; never raises once imported."""
+def install(*, ring_size: int = DEFAULT_TORCH_RING_SIZE) -> None:
+    """Make inductor build shmpool pools from now on. Idempotent; never raises once imported.
+
+    `ring_size` applies to pools built from now on (see DEFAULT_TORCH_RING_SIZE).
+    """
     global _saved_globals
     with _lock:
+        TorchSubprocPool.ring_size = ring_size
         if _saved_globals is not None:
             return
         saved = _torch_compat.pool_globals()

@@ -17,6 +17,8 @@ import sys
 import traceback
 from typing import Any
 
+import posix_ipc
+
 from . import wire
 from .channel import Endpoint, recv_header
 from .codec import dump, load
@@ -76,8 +78,12 @@ class Worker:
         boot, _ = load(self.request.view[: header.length], _PLAIN, copy_buffers=True)
         assert isinstance(boot, dict)
         sys.path[:] = boot["sys_path"]
-        request_freed = open_and_unlink_semaphore(boot["request_sem"])
-        response_freed = open_and_unlink_semaphore(boot["response_sem"])
+        try:
+            request_freed = open_and_unlink_semaphore(boot["request_sem"])
+            response_freed = open_and_unlink_semaphore(boot["response_sem"])
+        except posix_ipc.ExistentialError:
+            return False  # the pool shut down while we were starting, and removed them
+
         incoming = RingReader(self.request, request_freed)
         incoming.view(header.offset, header.length)  # account for INIT's region, then free it
         incoming.free()

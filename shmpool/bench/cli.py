@@ -86,6 +86,11 @@ class _Progress:
             self.bar.close()
 
 
+def _program() -> str:
+    """How this run was started, for the report: the console script or ``python -m``."""
+    return "python -m shmpool.bench" if sys.argv and sys.argv[0].endswith("__main__.py") else "shmpool-bench"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cfg = _config(args)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = report.baseline_of(results, tuple(b for b in pools_mod.BASELINES if b in names))
     wall = time.perf_counter() - t_start
     print(f"shmpool-bench {cfg['mode']}: {cfg['workers']} workers per pool, {cfg['repeat']} repetitions "
-          f"after a warm-up, median; cells are 'median ±half-spread speed-up over {baseline or 'nothing'}'")
+          f"after a warm-up, median; cells are 'median ±half the interquartile range, speed-up over {baseline or 'nothing'}'")
     print(report.table(results, names, baseline))
     mem = report.memory_table(results, names)
     if mem:
@@ -128,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if p.restarts:
             state += f", rebuilt {p.restarts}x after failures"
         print(f"{p.name:>14}: {state.strip(', ')}")
+    for r in results:
+        if r.status.startswith("failed"):
+            print(f"failed {r.workload} {r.case} on {r.pool}: {r.error}")
     for c in cases:
         if c.skip:
             print(f"skipped {c.workload} {c.name}: {c.skip}")
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {wall:.1f} s")
 
     meta = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "command": " ".join(["shmpool-bench", *(sys.argv[1:] if argv is None else argv)]),
+            "command": " ".join([_program(), *(sys.argv[1:] if argv is None else argv)]),
             "wall_s": wall, "baseline": baseline}
     if args.json:
         pool_info = {p.name: {"startup_s": p.startup_s, "restarts": p.restarts, "unavailable": p.unavailable}

@@ -9,6 +9,9 @@ from shmpool.bench.runner import Result
 from shmpool.bench.workloads import fmt_size
 
 
+MEMORY_TABLE_FROM = 16 << 20
+
+
 def _ms(s: float | None) -> str:
     if s is None:
         return "-"
@@ -43,9 +46,14 @@ def speedup(r: Result, base: Result | None) -> float | None:
     return base.median_s / r.median_s
 
 
+def _short(status: str) -> str:
+    """'failed: BrokenProcessPool' stays; a skip's long reason is listed under the table."""
+    return "skipped" if status.startswith("skipped") else status
+
+
 def _cell(r: Result, base: Result | None, metric: str) -> str:
     if r.status != "ok" or r.median_s is None:
-        return r.status
+        return _short(r.status)
     if metric == "jobs":
         head = f"{r.jobs_per_s:,.0f} jobs/s"
     elif metric == "gbps" and r.gb_per_s is not None:
@@ -88,13 +96,14 @@ def memory_table(results: list[Result], pools: list[str]) -> str:
     """Peak system-wide memory growth (and caller RSS growth) as multiples of the payload."""
     rows = []
     for r0 in results:
-        if r0.pool != pools[0] or not r0.size or r0.size < (1 << 20):
+        # Below 16 MiB a whole-machine figure is mostly other processes' noise (the JSON has it all).
+        if r0.pool != pools[0] or not r0.size or r0.size < MEMORY_TABLE_FROM:
             continue
         row = [f"{r0.workload} {r0.case}"]
         for p in pools:
             r = next((x for x in results if x.workload == r0.workload and x.case == r0.case and x.pool == p), None)
             if r is None or r.sys_peak_growth_bytes is None:
-                row.append(r.status if r is not None and r.status != "ok" else "-")
+                row.append(_short(r.status) if r is not None and r.status != "ok" else "-")
                 continue
             cell = f"sys {r.sys_peak_growth_bytes / r.size:.1f}x rss {r.rss_peak_growth_bytes / r.size:.1f}x"
             if r.copies_per_byte is not None:

@@ -4,8 +4,11 @@ For each case every pool first runs it once untimed (warm-up: imports, ring grow
 faults); then each repetition visits every pool once, the starting pool rotating per
 repetition, so drift on a noisy machine (thermal, a neighbour's job) hits all pools alike.
 
-A pool that fails (exception, wrong answer, deadline) gets ``status = "failed: <Type>"`` for
-that case, is torn down and rebuilt, and skips the rest of that case; the run goes on.
+Peak memory comes from one extra, untimed repetition per pool with the sampler thread on.
+
+A pool that fails (exception, deadline) gets ``status = "failed: <Type>"`` for that case, is torn
+down (rebuilt when the next case needs it) and skips the rest of that case; the run goes on. A
+wrong answer (WrongResult) is recorded the same way but keeps the pool.
 """
 from __future__ import annotations
 
@@ -16,10 +19,9 @@ from typing import Callable
 
 from shmpool.bench.measure import PeakSampler, memcpy_floor
 from shmpool.bench.pools import PoolUnavailable, PoolUnderTest
-from shmpool.bench.workloads import Case
+from shmpool.bench.workloads import Case, WrongResult
 
-# Memory sampling starts a thread per repetition; below this many bytes moved the peaks are
-# noise (a page or two) and the thread's wake-ups would be a visible share of the time.
+# Below this many bytes moved, peak memory growth is noise (a page or two): not sampled.
 SAMPLE_MEMORY_FROM = 1 << 20
 # Repetitions of the memcpy floor, which is cheap and steady.
 FLOOR_REPS = 7
@@ -39,11 +41,11 @@ class Result:
     median_s: float | None = None
     min_s: float | None = None
     max_s: float | None = None
-    spread: float | None = None  # (max - min) / median over the repetitions
+    spread: float | None = None  # interquartile range / median over the repetitions
     gb_per_s: float | None = None  # bytes_moved / median, decimal GB
     jobs_per_s: float | None = None
     memcpy_floor_s: float | None = None  # one numpy.copyto of `size` bytes, same run
-    sys_peak_growth_bytes: int | None = None  # max over repetitions
+    sys_peak_growth_bytes: int | None = None  # from one extra untimed repetition, sampled
     rss_peak_growth_bytes: int | None = None
     copies_per_byte: float | None = None  # shmpool only: copied / bytes, both directions
     stats_delta: dict | None = None  # shmpool only: PoolStats over warm-up + repetitions
@@ -55,7 +57,9 @@ class Result:
         t = self.times_s
         self.median_s = statistics.median(t)
         self.min_s, self.max_s = min(t), max(t)
-        self.spread = (self.max_s - self.min_s) / self.median_s if self.median_s else None
+        if len(t) > 1 and self.median_s:
+            q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive")
+            self.spread = (q3 - q1) / self.median_s
         if self.bytes_moved and self.median_s:
             self.gb_per_s = self.bytes_moved / self.median_s / 1e9
         if self.jobs > 1 and self.median_s:
@@ -113,16 +117,15 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
     live: list[PoolUnderTest] = []
     before: dict[str, dict | None] = {}
     extras: dict[str, list[dict]] = {p.name: [] for p in pools}
-    sys_peak: dict[str, int] = {}
-    rss_peak: dict[str, int] = {}
 
     def fail(p: PoolUnderTest, exc: BaseException) -> None:
         r = results[p.name]
         r.status, r.error = _describe(exc)
         if p in live:
             live.remove(p)
-        p.close()  # rebuilt lazily by the next case (ensure_started)
-        p.restarts += 1
+        if not isinstance(exc, WrongResult):  # broken, wedged or unknown: rebuild before the next case
+            p.close()
+            p.restarts += 1
 
     # warm-up: start, import what the workload needs in every worker, one untimed run
     for p in pools:
@@ -137,41 +140,43 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
             if case.warm_modules:
                 p.warm(case.warm_modules, timeout=case.timeout)
             before[p.name] = p.stats()
-            case.run(p, payload, case.timeout)
+            case.run(p, payload if case.warm_arg is None else case.warm_arg, case.timeout)
             live.append(p)
         except Exception as e:
             fail(p, e)
         tick(f"{case.name} {p.name} warm-up")
 
-    sample = case.bytes_moved >= SAMPLE_MEMORY_FROM
-    for rep in range(repeat):
+    for rep in range(repeat * case.rep_factor):
         order = live[rep % len(live):] + live[:rep % len(live)] if live else []
         for p in order:
             if p not in live:  # failed earlier in this repetition
                 continue
             try:
-                if sample:
-                    with PeakSampler() as s:
-                        t0 = time.perf_counter()
-                        extra = case.run(p, payload, case.timeout)
-                        dt = time.perf_counter() - t0
-                    sys_peak[p.name] = max(sys_peak.get(p.name, 0), s.sys_growth)
-                    rss_peak[p.name] = max(rss_peak.get(p.name, 0), s.rss_growth)
-                else:
-                    t0 = time.perf_counter()
-                    extra = case.run(p, payload, case.timeout)
-                    dt = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                extra = case.run(p, payload, case.timeout)
+                dt = time.perf_counter() - t0
                 results[p.name].times_s.append(dt)
                 extras[p.name].append(extra)
             except Exception as e:
                 fail(p, e)
             tick(f"{case.name} {p.name} rep {rep + 1}")
 
+    # Peak memory from one more, untimed repetition: the sampler thread takes the GIL every
+    # few ms, and timed repetitions should not pay for watching them.
+    if case.bytes_moved >= SAMPLE_MEMORY_FROM:
+        for p in list(live):
+            try:
+                with PeakSampler() as s:
+                    case.run(p, payload, case.timeout)
+                results[p.name].sys_peak_growth_bytes = s.sys_growth
+                results[p.name].rss_peak_growth_bytes = s.rss_growth
+            except Exception as e:
+                fail(p, e)
+            tick(f"{case.name} {p.name} memory")
+
     for p in pools:
         r = results[p.name]
         r.finish()
-        r.sys_peak_growth_bytes = sys_peak.get(p.name)
-        r.rss_peak_growth_bytes = rss_peak.get(p.name)
         if p in live:
             r.stats_delta = _stats_delta(before.get(p.name), p.stats())
             r.copies_per_byte = _copies_per_byte(r.stats_delta)
@@ -184,4 +189,5 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
 
 def steps_for(cases: list[Case], pools: list[PoolUnderTest], repeat: int) -> int:
     """Progress-bar length matching the ticks run_case makes."""
-    return sum(1 if c.skip else len(pools) * (1 + repeat) for c in cases)
+    return sum(1 if c.skip else len(pools) * (1 + repeat * c.rep_factor + (c.bytes_moved >= SAMPLE_MEMORY_FROM))
+               for c in cases)

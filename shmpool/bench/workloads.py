@@ -22,11 +22,14 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 # Payload sizes: 1 KiB .. 1 GiB in powers of 4 (full), a handful for --quick.
 FULL_SIZES = [KiB << (2 * i) for i in range(11)]
-QUICK_SIZES = [KiB, MiB, 16 * MiB, 64 * MiB]
+# 64 MiB costs the quick run ~13 s on 2 cores (torch's pool takes ~1.5 s a round trip); --full has it.
+QUICK_SIZES = [KiB, 16 * KiB, 256 * KiB, MiB, 4 * MiB, 16 * MiB]
 # The single "big" size of the oneway / numpy / fx-weights workloads.
 QUICK_BIG = 16 * MiB
 FULL_BIG = 256 * MiB
 THROUGHPUT_JOBS = 3000
+# Sub-MiB round trips take about a millisecond and jitter by as much: run them 5x as often.
+CHEAP_REP_FACTOR = 5
 TRITON_KERNELS = 16
 # Deadline of one job: generous base plus a pessimistic 20 MB/s for the bytes it moves, so
 # only a wedged or thrashing pool ever reaches it.
@@ -34,9 +37,10 @@ BASE_TIMEOUT_S = 60.0
 SLOW_BYTES_PER_S = 20e6
 
 WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx")
-# triton compiles 16 kernels per repetition per pool (~2 s each on 2 cores) and imports
-# triton in every worker first, which alone would blow the quick run's one-minute budget.
-QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput", "fx")
+# Left out of --quick, each would cost the quick run a third of its one-minute budget on 2 cores:
+# triton imports triton in every worker and compiles 16 kernels (~2 s) per repetition per pool;
+# fx imports torch in every worker of every pool (~3 s each) before the first timed job.
+QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput")
 
 
 def fmt_size(n: int) -> str:
@@ -74,6 +78,8 @@ class Case:
     warm_modules: tuple[str, ...] = ()  # import these in every worker before timing
     skip: str | None = None  # a reason this case cannot run here
     timeout_s: float | None = None  # deadline of one repetition; None: from bytes_moved and jobs
+    rep_factor: int = 1  # cheap cases run this many times --repeat, for a steadier median
+    warm_arg: Any = None  # what the untimed warm-up run gets instead of the payload (None: the payload)
 
     @property
     def timeout(self) -> float:
@@ -82,31 +88,35 @@ class Case:
         return job_timeout(self.bytes_moved) * max(1, self.jobs // 100)
 
 
+class WrongResult(AssertionError):
+    """The job came back but with the wrong answer: recorded as a failure, the pool is kept."""
+
+
 def _check(cond: bool, what: str) -> None:
     if not cond:
-        raise AssertionError(f"wrong result: {what}")
+        raise WrongResult(f"wrong result: {what}")
 
 
 # ---------------------------------------------------------------- payload / oneway
-def _payload_bytes(n: int) -> bytes:
+def payload_bytes(n: int) -> bytes:
     """n bytes that no compressor or zero-page trick can shortcut (a random MiB, tiled)."""
     block = os.urandom(min(n, MiB))
     reps, rest = divmod(n, len(block))
     return block * reps + block[:rest]
 
 
-def _run_echo(pool, payload, timeout):
+def run_echo(pool, payload, timeout):
     r = pool.submit(jobs.echo, payload).result(timeout=timeout)
     _check(len(r) == len(payload) and r[:64] == payload[:64] and r[-64:] == payload[-64:], "echo mismatch")
     return {}
 
 
-def _run_consume(pool, payload, timeout):
+def run_consume(pool, payload, timeout):
     _check(pool.submit(jobs.consume, payload).result(timeout=timeout) == len(payload), "consume length")
     return {}
 
 
-def _run_produce(pool, n, timeout):
+def run_produce(pool, n, timeout):
     r = pool.submit(jobs.produce, n).result(timeout=timeout)
     _check(len(r) == n and r[:1] == b"\x01", "produce length")
     return {}
@@ -114,43 +124,45 @@ def _run_produce(pool, n, timeout):
 
 def payload_cases(sizes: list[int]) -> list[Case]:
     return [
-        Case("payload", fmt_size(n), n, 2 * n, (lambda n=n: _payload_bytes(n)), _run_echo, floor=True)
+        Case("payload", fmt_size(n), n, 2 * n, (lambda n=n: payload_bytes(n)), run_echo, floor=True,
+             rep_factor=CHEAP_REP_FACTOR if n < MiB else 1)
         for n in sizes
     ]
 
 
 def oneway_cases(big: int) -> list[Case]:
     return [
-        Case("oneway", f"arg-{fmt_size(big)}", big, big, lambda: _payload_bytes(big), _run_consume),
-        Case("oneway", f"result-{fmt_size(big)}", big, big, lambda: big, _run_produce),
+        Case("oneway", f"arg-{fmt_size(big)}", big, big, lambda: payload_bytes(big), run_consume),
+        Case("oneway", f"result-{fmt_size(big)}", big, big, lambda: big, run_produce),
     ]
 
 
 # ---------------------------------------------------------------- numpy
-def _make_array(n: int):
+def make_array(n: int):
     import numpy as np
 
-    return np.frombuffer(_payload_bytes(n), dtype=np.float32).copy().reshape(-1, 256)
+    return np.frombuffer(payload_bytes(n), dtype=np.float32).copy().reshape(-1, 256)
 
 
-def _run_echo_array(pool, arr, timeout):
+def run_echo_array(pool, arr, timeout):
     r = pool.submit(jobs.echo, arr).result(timeout=timeout)
-    _check(r.shape == arr.shape and r.dtype == arr.dtype and (r[:1] == arr[:1]).all() and (r[-1:] == arr[-1:]).all(),
-           "array echo mismatch")
+    # compare bytes, not floats: random bits include NaNs, and NaN != NaN
+    _check(r.shape == arr.shape and r.dtype == arr.dtype
+           and r[:1].tobytes() == arr[:1].tobytes() and r[-1:].tobytes() == arr[-1:].tobytes(), "array echo mismatch")
     return {}
 
 
 def numpy_cases(big: int) -> list[Case]:
     skip = None if importlib.util.find_spec("numpy") else "numpy not installed"
     return [
-        Case("numpy", f"ndarray-{fmt_size(big)}", big, 2 * big, lambda: _make_array(big), _run_echo_array,
+        Case("numpy", f"ndarray-{fmt_size(big)}", big, 2 * big, lambda: make_array(big), run_echo_array,
              warm_modules=("numpy",), skip=skip),
-        Case("numpy", f"bytes-{fmt_size(big)}", big, 2 * big, lambda: _payload_bytes(big), _run_echo),
+        Case("numpy", f"bytes-{fmt_size(big)}", big, 2 * big, lambda: payload_bytes(big), run_echo),
     ]
 
 
 # ---------------------------------------------------------------- throughput
-def _run_throughput(pool, njobs, timeout):
+def run_throughput(pool, njobs, timeout):
     done_at = [0.0] * njobs
     submitted_at = [0.0] * njobs
 
@@ -173,7 +185,9 @@ def _run_throughput(pool, njobs, timeout):
 
 
 def throughput_cases(njobs: int = THROUGHPUT_JOBS) -> list[Case]:
-    return [Case("throughput", f"{njobs}-add", 0, 0, lambda: njobs, _run_throughput, jobs=njobs)]
+    # warm-up with a tenth of the burst: enough to settle the pool, a second saved per pool
+    return [Case("throughput", f"{njobs}-add", 0, 0, lambda: njobs, run_throughput, jobs=njobs,
+                 warm_arg=max(1, njobs // 10))]
 
 
 # ---------------------------------------------------------------- triton
@@ -190,7 +204,7 @@ def _triton_batch():
     return triton_batch, None
 
 
-def _run_triton(pool, n, timeout):
+def run_triton(pool, n, timeout):
     tb, why = _triton_batch()
     if tb is None:
         raise RuntimeError(why)
@@ -208,12 +222,12 @@ def _run_triton(pool, n, timeout):
 def triton_cases(n: int = TRITON_KERNELS) -> list[Case]:
     tb, why = _triton_batch()
     # 16 kernels took 1.9 s on 2 cores; 30 s per kernel means stuck, not slow.
-    return [Case("triton", f"{n}-kernels", 0, 0, lambda: n, _run_triton, jobs=n,
+    return [Case("triton", f"{n}-kernels", 0, 0, lambda: n, run_triton, jobs=n,
                  warm_modules=("triton", "triton.compiler"), skip=why, timeout_s=BASE_TIMEOUT_S + 30.0 * n)]
 
 
 # ---------------------------------------------------------------- fx
-def _make_fx(layers: int, width: int, weights: bool):
+def make_fx(layers: int, width: int, weights: bool):
     import torch
     import torch.fx
 
@@ -237,7 +251,7 @@ def _make_fx(layers: int, width: int, weights: bool):
     return torch.fx.symbolic_trace(Deep())
 
 
-def _run_fx(pool, gm, timeout):
+def run_fx(pool, gm, timeout):
     nodes, nbytes = pool.submit(jobs.fx_summary, gm).result(timeout=timeout)
     _check(nodes == len(gm.graph.nodes), f"fx node count {nodes} != {len(gm.graph.nodes)}")
     return {"fx_nodes": nodes, "fx_weight_bytes": nbytes}
@@ -249,9 +263,9 @@ def fx_cases(big: int, graph_layers: int = 1000) -> list[Case]:
     layers = max(1, big // (width * width * 4))
     nbytes = layers * width * width * 4
     return [
-        Case("fx", f"graph-{graph_layers}layers", 0, 0, lambda: _make_fx(graph_layers, 0, False), _run_fx,
+        Case("fx", f"graph-{graph_layers}layers", 0, 0, lambda: make_fx(graph_layers, 0, False), run_fx,
              warm_modules=("torch", "torch.fx"), skip=skip),
-        Case("fx", f"weights-{fmt_size(nbytes)}", nbytes, nbytes, lambda: _make_fx(layers, width, True), _run_fx,
+        Case("fx", f"weights-{fmt_size(nbytes)}", nbytes, nbytes, lambda: make_fx(layers, width, True), run_fx,
              warm_modules=("torch", "torch.fx"), skip=skip),
     ]
 
