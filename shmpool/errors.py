@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import signal
-from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 
 class SubprocException(Exception):
@@ -42,7 +42,7 @@ _LIKELY_CAUSE = {
 }
 
 
-class WorkerDiedError(BrokenExecutor):
+class WorkerDiedError(BrokenProcessPool):
     """The worker running this job died before answering. Only this job fails; the worker is
     replaced and the pool goes on."""
 
@@ -83,5 +83,5 @@ def _payload_too_large(msg: str, size: int, cap: int) -> PayloadTooLargeError:
     return err
 
 
-class WorkerStartError(BrokenExecutor):
+class WorkerStartError(BrokenProcessPool):
     """Workers could not be started (the initializer raised, or they died during start-up)."""

@@ -79,7 +79,15 @@ log = logging.getLogger(__name__)
 # carries a 128 MiB FX graph without a one-off segment.
 DEFAULT_RING_SIZE = 256 << 20
 MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the ring
-PIPELINE_DEPTH = 1  # jobs placed on one worker at a time: more would queue a job behind a slow one
+# Jobs placed on one worker at a time. One, unless more jobs wait than there are workers and
+# recent jobs have been short: then up to four ride in each worker's ring, so a worker starts
+# its next job the moment it sends a result instead of idling through our wake-up (about 1.5-2x
+# small-job throughput here). Long jobs are never stacked: a job placed behind a slow one would
+# wait while another worker sits idle.
+PIPELINE_DEPTH = 1
+SHORT_JOB_PIPELINE_DEPTH = 4
+SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
+JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
 QUIT_GRACE = 2.0  # seconds workers get to exit after QUIT (idle) or SIGTERM (busy) at shutdown
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL
 EXIT_STATUS_WAIT = 5.0  # seconds to wait for a dead worker's exit status before failing its job anyway
@@ -113,7 +121,7 @@ class PoolStats:
 
 
 class _Job:
-    __slots__ = ("job_id", "future", "parts", "timeout", "deadline", "desc", "started")
+    __slots__ = ("job_id", "future", "parts", "timeout", "deadline", "desc", "started", "head_since")
 
     def __init__(self, job_id: int, future: Future, parts: Parts, timeout: float | None, desc: str) -> None:
         self.job_id = job_id
@@ -123,6 +131,7 @@ class _Job:
         self.deadline: float | None = None
         self.desc = desc
         self.started = False
+        self.head_since = 0.0
 
 
 class _Worker:
@@ -233,6 +242,7 @@ class SubprocPool:
         self._stats: dict[str, int] = dataclasses.asdict(PoolStats())
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []  # guarded by _lock
         self._chores = True  # dispatcher: check deadlines, worker count and the queue next round
+        self._job_seconds = 1.0  # running average of job time; starts "long" so nothing stacks early
 
         # Dispatcher-thread state from here on.
         self._workers: dict[int, _Worker] = {}
@@ -376,9 +386,11 @@ class SubprocPool:
         full: set[int] = set()
         while self._pending and not self._closing:
             job = self._pending[0]
+            backlog = len(self._pending) > len(self._workers)
+            depth = SHORT_JOB_PIPELINE_DEPTH if backlog and self._job_seconds < SHORT_JOB_SECONDS else PIPELINE_DEPTH
             candidates = [
                 w for w in self._workers.values()
-                if w.ready and not w.quitting and len(w.inflight) < PIPELINE_DEPTH and w.serial not in full
+                if w.ready and not w.quitting and len(w.inflight) < depth and w.serial not in full
             ]
             if not candidates:
                 return
@@ -402,8 +414,8 @@ class SubprocPool:
                 continue
             self._pending.popleft()
             w.inflight.append(job)
-            if len(w.inflight) == 1 and job.timeout is not None:
-                job.deadline = now + job.timeout
+            if len(w.inflight) == 1:
+                self._job_starts(job, now)
             size = job.parts.size
             self._stats["bytes_to_workers"] += size
             # The sender's write, plus the worker's read of all but what it uses in place, plus
@@ -411,6 +423,13 @@ class SubprocPool:
             self._stats["copied_to_workers"] += size + (size - job.parts.oob_bytes) + (0 if self._zero_copy else size)
             if size > w.endpoint.oneoff_threshold:
                 self._stats["oneoff_segments"] += 1
+
+    @staticmethod
+    def _job_starts(job: _Job, now: float) -> None:
+        """``job`` is now the one its worker runs: its clock (and timeout) starts."""
+        job.head_since = now
+        if job.timeout is not None:
+            job.deadline = now + job.timeout
 
     def _kill(self, w: _Worker) -> None:
         w.quitting = True
@@ -604,8 +623,10 @@ class SubprocPool:
                 if header.flags & wire.Flag.RECYCLE:
                     w.quitting = True  # over its memory cap: it exits now, a fresh one replaces it
                     self._chores = True
-                if w.inflight and w.inflight[0].timeout is not None:
-                    w.inflight[0].deadline = now + w.inflight[0].timeout
+                # Running time, counted from when the job reached the head of its worker's queue.
+                self._job_seconds += JOB_SECONDS_WEIGHT * (now - job.head_since - self._job_seconds)
+                if w.inflight:
+                    self._job_starts(w.inflight[0], now)
                 # Hand the worker its next job before unpickling this result: the two overlap.
                 self._place_pending(now)
         # The response ring is read only by this thread: no lock for the payload itself.
