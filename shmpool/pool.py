@@ -242,7 +242,7 @@ class SubprocPool:
         self._stats: dict[str, int] = dataclasses.asdict(PoolStats())
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []  # guarded by _lock
         self._chores = True  # dispatcher: check deadlines, worker count and the queue next round
-        self._job_seconds = 1.0  # running average of job time; starts "long" so nothing stacks early
+        self._job_seconds = SHORT_JOB_SECONDS  # running average of job time: no stacking before a short job is seen
 
         # Dispatcher-thread state from here on.
         self._workers: dict[int, _Worker] = {}
