@@ -406,8 +406,15 @@ class SubprocPool:
                 self._pending.popleft()
                 self._fail(job, e)
                 continue
-            except OSError:
+            except ConnectionError:
                 w.quitting = True  # its socket broke: it is dying, and EOF will say how
+                continue
+            except OSError as e:
+                # Not the worker's fault, but its ring may now hold a region it will never
+                # free: fail the job, retire the worker.
+                self._pending.popleft()
+                self._fail(job, e)
+                self._kill(w)
                 continue
             if not placed:
                 full.add(w.serial)  # its ring is still busy with the previous job's result

@@ -63,18 +63,21 @@ class Segment:
     def create(cls, size: int, *, reserve: bool = False, label: str = "shmpool") -> "Segment":
         """A new memfd of ``size`` bytes. ``reserve`` allocates every page now, so running out of
         memory is a clear error here instead of a SIGBUS on first touch."""
-        fd = os.memfd_create(label, os.MFD_CLOEXEC)
         try:
-            os.ftruncate(fd, max(size, 1))
-            if reserve and size:
-                try:
+            fd = os.memfd_create(label, os.MFD_CLOEXEC)
+        except OSError as e:
+            raise SharedMemoryError(f"could not create a shared-memory segment of {size:,} bytes ({e.strerror})") from e
+        try:
+            try:
+                os.ftruncate(fd, max(size, 1))
+                if reserve and size:
                     os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    raise SharedMemoryError(
-                        f"could not reserve {size:,} bytes of shared memory ({e.strerror}); "
-                        f"MemAvailable is {_mem_available():,} bytes: free memory or lower the payload"
-                    ) from e
-            return cls(fd, size, populate=reserve)
+                return cls(fd, size, populate=reserve)
+            except OSError as e:
+                raise SharedMemoryError(
+                    f"could not reserve {size:,} bytes of shared memory ({e.strerror}); "
+                    f"MemAvailable is {_mem_available():,} bytes: free memory or lower the payload"
+                ) from e
         except BaseException:
             os.close(fd)
             raise

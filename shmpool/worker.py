@@ -25,7 +25,7 @@ from .codec import dump, load
 from .errors import PayloadTooLargeError
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import Segment, open_and_unlink_semaphore
+from .shm import Segment, SharedMemoryError, open_and_unlink_semaphore
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
@@ -144,9 +144,12 @@ class Worker:
             err = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
             self._reply_error(header.job_id, f"{type(err).__name__}: {err}\n", flags)
             return flags
-        self.endpoint.send_payload(
-            wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
-        )
+        try:
+            self.endpoint.send_payload(
+                wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+            )
+        except SharedMemoryError as e:
+            self._reply_error(header.job_id, f"the job's result could not be placed in shared memory:\n{type(e).__name__}: {e}\n", flags)
         return flags
 
     def serve(self) -> None:
