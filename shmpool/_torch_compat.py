@@ -120,28 +120,28 @@ def set_pool_globals(classes: dict[str, type]) -> None:
 
 def _reset_fx_pool(keep: tuple[type, ...]) -> None:
     fx = _import("torch._inductor.compile_fx_subproc")._SubprocessFxCompile
-    cached = fx.process_pool
-    if cached.cache_info().currsize == 0:
-        return
-    pool = cached()
-    if type(pool) in keep:
-        return
-    cached.cache_clear()
-    pool.shutdown()
+    _drop_cached_pool(fx.process_pool, keep)
 
 
 def _reset_async_pool(keep: tuple[type, ...]) -> None:
     ac = _import("torch._inductor.async_compile")
-    cached = ac.AsyncCompile.process_pool
+    pool = _drop_cached_pool(ac.AsyncCompile.process_pool, keep)
+    if pool is not None:
+        ac.AsyncCompile._ready_future = None
+        ac._pool_set.discard(pool)
+
+
+def _drop_cached_pool(cached: Any, keep: tuple[type, ...]) -> Any:
+    """Shut down the pool a functools.cache'd factory holds, unless it is of a kept class, so
+    the next call builds one of the class now installed. Returns the pool dropped, if any."""
     if cached.cache_info().currsize == 0:
-        return
+        return None
     pool = cached()
     if type(pool) in keep:
-        return
+        return None
     cached.cache_clear()
-    ac.AsyncCompile._ready_future = None
-    ac._pool_set.discard(pool)
     pool.shutdown()
+    return pool
 
 
 def drop_pools() -> None:

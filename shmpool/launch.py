@@ -69,8 +69,21 @@ class ForkHelper:
     def close(self, wait: float) -> None:
         """Closing our end makes the helper exit, and its workers with it (PDEATHSIG)."""
         self.sock.close()
+        stop_process(self.proc, wait)
+
+
+def stop_process(proc: subprocess.Popen, wait: float, term_wait: float | None = None) -> int:
+    """Wait up to ``wait`` seconds for ``proc`` to exit; then SIGTERM and ``term_wait`` more
+    seconds if given; then SIGKILL. Bounded; returns the exit code (negative: a signal)."""
+    try:
+        return proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        pass
+    if term_wait is not None:
+        proc.terminate()
         try:
-            self.proc.wait(wait)
+            return proc.wait(term_wait)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            pass
+    proc.kill()
+    return proc.wait()

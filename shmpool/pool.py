@@ -67,7 +67,7 @@ from .errors import (
     WorkerDiedError,
     WorkerStartError,
 )
-from .launch import ForkHelper, spawn_worker
+from .launch import ForkHelper, spawn_worker, stop_process
 from .pickler import SubprocPickler, has_zero_copy
 from .ring import RingError, RingReader, RingWriter
 from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, sweep_stale, unlink_semaphore
@@ -672,11 +672,8 @@ class SubprocPool:
         self._selector.unregister(w.endpoint.sock)
         w.eof_at = time.monotonic()
         if w.proc is not None:
-            try:
-                w.exitcode = w.proc.wait(EXIT_STATUS_WAIT)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()  # closed its socket but lingers: it is no use to us
-                w.exitcode = w.proc.wait()
+            # EOF means it is exiting; one that closed its socket but lingers is no use to us.
+            w.exitcode = stop_process(w.proc, EXIT_STATUS_WAIT)
             w.status_known = True
         with self._lock:
             if w.status_known or self._helper is None:
@@ -789,17 +786,8 @@ class SubprocPool:
                 unlink_semaphore(name)
         deadline = time.monotonic() + QUIT_GRACE
         for w in workers:
-            if w.proc is None:
-                continue
-            try:
-                w.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                w.proc.terminate()
-                try:
-                    w.proc.wait(TERM_GRACE)
-                except subprocess.TimeoutExpired:
-                    w.proc.kill()
-                    w.proc.wait()
+            if w.proc is not None:
+                stop_process(w.proc, max(0.0, deadline - time.monotonic()), TERM_GRACE)
         if self._helper is not None:
             self._helper.close(QUIT_GRACE)
             self._helper = None
