@@ -21,8 +21,8 @@ Where the bytes go (one job, N bytes each way)::
                                         free the slot (semaphore)
   future.result()  <--set_result--
 
-Payloads over half a ring go through a one-off memfd sent beside the header instead, with the
-same copies. Only 32-byte headers ever cross the socket.
+Payloads larger than the ring go through a one-off memfd sent beside the header instead, with
+the same copies. Only 32-byte headers ever cross the socket.
 
 Threads: a caller pickles its job outside any lock, then, under the pool's one lock, places it
 straight into an idle worker's request ring (or queues it). One dispatcher thread starts every
@@ -329,8 +329,9 @@ class SubprocPool:
                 self._wake()
         if first:
             for job in pending:
-                if not job.future.cancel():
-                    _settle(job.future, exc=RuntimeError("SubprocPool closed"))
+                # Failed, not cancel()led: concurrent.futures.wait() only wakes for a cancelled
+                # future once someone calls set_running_or_notify_cancel() on it.
+                _settle(job.future, exc=RuntimeError("SubprocPool closed"))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(JOIN_LIMIT)
 
@@ -548,11 +549,11 @@ class SubprocPool:
         request = response = None
         sem_names = (new_semaphore_name(), new_semaphore_name())
         try:
-            request = Segment.create(self._ring_size, label="shmpool-request")
+            request = Segment.create(self._ring_size + wire.CONTROL_BYTES, label="shmpool-request")
             response = Segment.create(self._ring_size, label="shmpool-response")
             endpoint = Endpoint(
                 parent_sock,
-                RingWriter(request, create_semaphore(sem_names[0])),
+                RingWriter(request, create_semaphore(sem_names[0]), self._ring_size),
                 RingReader(response, create_semaphore(sem_names[1])),
             )
             w = _Worker(serial, endpoint, sem_names)
@@ -640,8 +641,9 @@ class SubprocPool:
         payload = w.endpoint.open_payload(header, fds)
         try:
             if header.kind == wire.MsgKind.ERROR:
-                details, _ = load(payload.view, _PLAIN, copy_buffers=True)
-                value, exc = None, SubprocException(str(details))
+                error, _ = load(payload.view, _PLAIN, copy_buffers=True)
+                name, details = error if isinstance(error, tuple) and len(error) == 2 else ("<unknown>", error)
+                value, exc = None, SubprocException(str(details), str(name))
             else:
                 try:
                     value, _ = load(payload.view, self.pickler, copy_buffers=True)
@@ -736,6 +738,7 @@ class SubprocPool:
             return
         if w.eof_at is None:
             self._selector.unregister(w.endpoint.sock)
+        taken = self._taken_job(w)
         w.endpoint.close()
         for name in w.sem_names:
             unlink_semaphore(name)
@@ -746,13 +749,20 @@ class SubprocPool:
         requeue = list(w.inflight)
         if not expected and w.ready and not w.timed_out:
             self._stats["workers_died"] += 1
-            if requeue:
+            if requeue and requeue[0].job_id == taken:
                 job = requeue.pop(0)
                 exitcode = w.exitcode if w.status_known else None
                 self._fail(job, WorkerDiedError(w.pid or -1, exitcode, f"job {job.desc}"))
         elif w.timed_out and requeue and requeue[0].future.done():
             requeue.pop(0)  # the job that timed out, already failed
         self._pending.extendleft(reversed(requeue))  # never started: run them elsewhere
+
+    @staticmethod
+    def _taken_job(w: _Worker) -> int:
+        """Id of the job the worker last took off its socket (see wire.CONTROL_BYTES)."""
+        ring = w.endpoint.outgoing
+        assert ring.segment.view is not None
+        return wire.TAKEN.unpack_from(ring.segment.view, ring.capacity)[0]
 
     def _send_quit(self, w: _Worker) -> None:
         try:

@@ -28,11 +28,20 @@ class RingError(RuntimeError):
     """The peer broke the ring protocol (a region out of order or out of bounds)."""
 
 
+def _capacity(segment: Segment, capacity: int | None) -> int:
+    if capacity is None:
+        return segment.size
+    if not 0 < capacity <= segment.size:
+        raise ValueError(f"ring capacity {capacity} does not fit a {segment.size}-byte segment")
+    return capacity
+
+
 class RingWriter:
-    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore) -> None:
+    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore, capacity: int | None = None) -> None:
+        """A ring over the first ``capacity`` bytes of ``segment`` (all of it by default)."""
         assert segment.view is not None
         self.segment = segment
-        self.capacity = segment.size
+        self.capacity = _capacity(segment, capacity)
         self.freed = freed
         self.head = 0
         self.tail = 0
@@ -94,10 +103,10 @@ class RingWriter:
 
 
 class RingReader:
-    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore) -> None:
+    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore, capacity: int | None = None) -> None:
         assert segment.view is not None
         self.segment = segment
-        self.capacity = segment.size
+        self.capacity = _capacity(segment, capacity)
         self.freed = freed
         self._last_end = 0  # end of the newest region received
         self._released = 0  # end of the newest region freed

@@ -26,6 +26,13 @@ HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 _U64_MAX = (1 << 64) - 1
 
+# The request segment ends with a control block its ring never uses. The worker stores there the
+# id of each job as it takes the job's header off the socket, before touching the payload. The
+# parent reads it only once the worker is dead (no ordering needed): it tells a job that started
+# (fail it: it may be what killed the worker) from one the worker never read (run it elsewhere).
+CONTROL_BYTES = 64
+TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
+
 
 class MsgKind(enum.IntEnum):
     # parent -> worker

@@ -55,6 +55,11 @@ class Worker:
         self.request = request
         self.response = response
         self.parent_pid = parent_pid
+        if request.size <= wire.CONTROL_BYTES:
+            raise wire.WireError(f"request segment of {request.size} bytes has no room for a ring")
+        self.request_capacity = request.size - wire.CONTROL_BYTES
+        assert request.view is not None
+        self.request_control = request.view[self.request_capacity :]
         self.endpoint: Endpoint | None = None
         self.pickler: SubprocPickler = _PLAIN
         self.max_payload: int | None = None
@@ -72,7 +77,7 @@ class Worker:
         if header.kind != wire.MsgKind.INIT:
             raise wire.WireError(f"expected INIT first, got {header.kind.name}")
         # INIT is read before the semaphores exist on our side: bounds-check it by hand.
-        if fds or header.offset != 0 or not 0 < header.length <= self.request.size:
+        if fds or header.offset != 0 or not 0 < header.length <= self.request_capacity:
             raise wire.WireError("malformed INIT header")
         assert self.request.view is not None
         boot, _ = load(self.request.view[: header.length], _PLAIN, copy_buffers=True)
@@ -84,7 +89,7 @@ class Worker:
         except posix_ipc.ExistentialError:
             return False  # the pool shut down while we were starting, and removed them
 
-        incoming = RingReader(self.request, request_freed)
+        incoming = RingReader(self.request, request_freed, self.request_capacity)
         incoming.view(header.offset, header.length)  # account for INIT's region, then free it
         incoming.free()
         self.endpoint = Endpoint(self.sock, RingWriter(self.response, response_freed), incoming)
@@ -97,59 +102,70 @@ class Worker:
             if boot["initializer"] is not None:
                 fn, args = self.pickler.loads(boot["initializer"])
                 fn(*args)
-        except BaseException:
-            self._reply_error(0, "worker initializer failed:\n" + traceback.format_exc())
+        except BaseException as e:
+            self._reply_error(0, type(e).__name__, "worker initializer failed:\n" + traceback.format_exc())
             return False
         self.endpoint.send_control(wire.MsgKind.READY, 0, os.getpid())
         return True
 
-    def _reply_error(self, job_id: int, details: str, flags: int = 0) -> None:
+    def _reply_error(self, job_id: int, name: str, details: str, flags: int = 0) -> None:
+        """Send ``(exception name, traceback text)``: the parent raises SubprocException from it."""
         assert self.endpoint is not None
         self.endpoint.send_payload(
-            wire.MsgKind.ERROR, job_id, dump(details, _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+            wire.MsgKind.ERROR, job_id, dump((name, details), _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
         )
 
     def _run_job(self, header: wire.Header, fds: list[int]) -> int:
         """Run one job and reply. Returns the flags sent (RECYCLE means: exit now)."""
         assert self.endpoint is not None
         payload = self.endpoint.open_payload(header, fds)
+        # Mark it taken before anything can go wrong with it: if we die from here on, the parent
+        # fails this job; if we die before, it runs the job on another worker.
+        wire.TAKEN.pack_into(self.request_control, 0, header.job_id)
         try:
             (fn, args, kwargs), uses_region = load(payload.view, self.pickler, copy_buffers=False)
-        except BaseException:
+        except BaseException as e:
             payload.release()
-            self._reply_error(header.job_id, "job could not be unpickled in the worker:\n" + traceback.format_exc())
+            self._reply_error(
+                header.job_id, type(e).__name__, "job could not be unpickled in the worker:\n" + traceback.format_exc()
+            )
             return 0
         if not uses_region:
             payload.release()  # free the request slot before running: the parent can reuse it
         try:
             result: Any = fn(*args, **kwargs)
             failure = None
-        except BaseException:
-            result, failure = None, traceback.format_exc()
+        except BaseException as e:
+            result, failure = None, (type(e).__name__, traceback.format_exc())
         del fn, args, kwargs
         payload.release()  # out-of-band arguments were views into the slot until now
         flags = 0
         if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
             flags = int(wire.Flag.RECYCLE)
         if failure is not None:
-            self._reply_error(header.job_id, failure, flags)
+            self._reply_error(header.job_id, *failure, flags)
             return flags
         try:
             parts = dump(result, self.pickler)
-        except BaseException:
-            self._reply_error(header.job_id, "result could not be pickled:\n" + traceback.format_exc(), flags)
+        except BaseException as e:
+            self._reply_error(header.job_id, type(e).__name__, "result could not be pickled:\n" + traceback.format_exc(), flags)
             return flags
         del result
         if self.max_payload is not None and parts.size > self.max_payload:
             err = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
-            self._reply_error(header.job_id, f"{type(err).__name__}: {err}\n", flags)
+            self._reply_error(header.job_id, type(err).__name__, f"{type(err).__name__}: {err}\n", flags)
             return flags
         try:
             self.endpoint.send_payload(
                 wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
             )
         except SharedMemoryError as e:
-            self._reply_error(header.job_id, f"the job's result could not be placed in shared memory:\n{type(e).__name__}: {e}\n", flags)
+            self._reply_error(
+                header.job_id,
+                type(e).__name__,
+                f"the job's result could not be placed in shared memory:\n{type(e).__name__}: {e}\n",
+                flags,
+            )
         return flags
 
     def serve(self) -> None:
@@ -178,6 +194,8 @@ def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> Non
             os.set_inheritable(fd, False)  # keep them out of processes a job starts
         sock = socket.socket(fileno=sock_fd)
         Worker(sock, Segment.attach(request_fd), Segment.attach(response_fd), parent_pid).serve()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent closed our socket (shutdown, or it died): nobody wants the reply
     except BaseException:
         traceback.print_exc()
         code = 1

@@ -9,9 +9,6 @@ import pytest
 
 from shmpool import SubprocKind, SubprocPool
 
-RESULT_TIMEOUT = 60.0  # seconds any one future may take on a loaded 2-core machine
-
-
 def ours_in_dev_shm(pid: int | None = None) -> list[str]:
     """Our names in /dev/shm: semaphores of this process (or of ``pid``)."""
     prefix = f"sem.shmp.{pid or os.getpid()}."

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+RESULT_TIMEOUT = 60.0  # seconds any one future may take on a loaded 2-core machine
+
 
 def echo(x: Any) -> Any:
     return x
@@ -25,6 +27,13 @@ def pid() -> int:
 def sleep_then(seconds: float, value: Any = None) -> Any:
     time.sleep(seconds)
     return value
+
+
+def mark_then_sleep(marker: str, seconds: float) -> None:
+    """Create ``marker`` (the job has started), then sleep."""
+    with open(marker, "w"):
+        pass
+    time.sleep(seconds)
 
 
 def boom(message: str) -> None:

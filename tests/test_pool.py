@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import corejobs
-from conftest import RESULT_TIMEOUT
+from corejobs import RESULT_TIMEOUT
 from shmpool import (
     CloudPickler,
     JobTimeoutError,
@@ -92,6 +92,7 @@ def test_a_raising_job_gives_subproc_exception_with_the_traceback(pool: SubprocP
     assert type(err) is SubprocException
     assert "ValueError: no good" in err.details and "corejobs.py" in err.details and "in boom" in err.details
     assert str(err).startswith("An exception occurred in a subprocess:")
+    assert err.name == "ValueError" and "Name=ValueError" in str(err)
     assert pool.submit(corejobs.add, 1, 2).result(RESULT_TIMEOUT) == 3  # the worker lives on
 
 
@@ -158,9 +159,14 @@ def test_worker_death_fails_only_its_job_and_is_replaced(pool: SubprocPool) -> N
     assert pool.stats().workers_died == 1
 
 
-def test_killing_every_process_at_once_then_submitting_works(pool: SubprocPool) -> None:
+def test_killing_every_process_at_once_then_submitting_works(pool: SubprocPool, tmp_path: Path) -> None:
     wait_until_all_ready(pool, 2)
-    busy = [pool.submit(corejobs.sleep_then, 30, None) for _ in range(2)]
+    markers = [tmp_path / f"started-{i}" for i in range(2)]
+    busy = [pool.submit(corejobs.mark_then_sleep, str(m), 30) for m in markers]
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while not all(m.exists() for m in markers):  # kill them mid-job, not before they take it
+        assert time.monotonic() < deadline, "the jobs never started"
+        time.sleep(0.01)
     for pid in pool.worker_pids() + pool.helper_pids():
         os.kill(pid, 9)
     for f in busy:

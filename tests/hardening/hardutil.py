@@ -1,0 +1,138 @@
+"""Helpers and deadlines for the shmpool hardening tests (issue 5); fixtures are in conftest.py.
+
+A module of its own, not conftest: ``tests/conftest.py`` is also imported as ``conftest``.
+
+Everything here is test-only and stays out of the package (STYLE habit 9).  The job functions the
+workers run live in ``jobs.py`` next to this file; SPAWN workers are fresh interpreters, so this file puts
+the folder on ``PYTHONPATH`` before any pool starts, letting them import ``jobs`` by name.
+
+Every wait in these tests has a deadline: the named constants below, each with its reason.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+
+# SPAWN workers (and a spawned FORK helper) must find `jobs` by name.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+_pp = os.environ.get("PYTHONPATH", "")
+if str(HERE) not in _pp.split(os.pathsep):
+    os.environ["PYTHONPATH"] = str(HERE) + (os.pathsep + _pp if _pp else "")
+
+# --- deadlines (seconds) ------------------------------------------------------------------------------
+# A normal job, including a fresh SPAWN worker start on a loaded 2-core machine (~0.3-1 s each).
+JOB_DEADLINE = 30.0
+# A dead process is noticed, reaped and replaced; generous because the machine has only 2 cores.
+RECOVERY_DEADLINE = 15.0
+# shutdown() must be bounded (STYLE habit 7); this is the bound the tests hold it to.
+SHUTDOWN_DEADLINE = 20.0
+# After the pool's parent is SIGKILLed, its workers/helpers must notice and exit "within a few seconds".
+ORPHAN_DEADLINE = 5.0
+# pytest-timeout backstop for a test that hangs despite the per-wait deadlines above.
+TEST_BACKSTOP = 240
+
+KIND_VALUES = ("spawn", "fork")
+
+# Names of ours in /dev/shm (CONTRACT.md): `/shmp.<parentpid>.<random>...` -> `sem.shmp.<pid>.*` or `shmp.<pid>.*`
+_OURS = re.compile(r"^(?:sem\.)?shmp\.(\d+)\.")
+
+
+# --- small helpers ------------------------------------------------------------------------------------
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll `predicate` until truthy or `timeout` seconds pass; return its value or fail naming `what`."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie (orphans reparented to a non-reaping init stay zombies)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def shm_entries_of(pids) -> set[str]:
+    """Our /dev/shm entries (`shmp.<pid>.*`, `sem.shmp.<pid>.*`) whose pid field is one of `pids`."""
+    pids = {int(p) for p in pids}
+    found = set()
+    for name in os.listdir("/dev/shm"):
+        m = _OURS.match(name)
+        if m and int(m.group(1)) in pids:
+            found.add(name)
+    return found
+
+
+def all_shm_entries() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if _OURS.match(n)}
+
+
+def read_pid(path: Path, timeout: float = JOB_DEADLINE) -> int:
+    """Wait for a job to write its pid into `path` (jobs.note_pid) and return it."""
+    wait_for(path.exists, timeout, f"a job to write its pid to {path.name}")
+    return int(path.read_text())
+
+
+def error_text(exc: BaseException) -> str:
+    """Everything an error tells a user: message, remote details, and the cause chain."""
+    parts = []
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__name__}: {exc}")
+        details = getattr(exc, "details", None)
+        if details:
+            parts.append(str(details))
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
+def warm(pool, nprocs: int, timeout: float = JOB_DEADLINE) -> set[int]:
+    """Run short jobs until `nprocs` distinct worker pids have answered: every worker is started and
+    READY (a pool may run early jobs on the first worker while a SPAWN sibling is still starting)."""
+    import jobs
+
+    pids: set[int] = set()
+    end = time.monotonic() + timeout
+    while len(pids) < nprocs:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"only {len(pids)} of {nprocs} workers answered within {timeout}s")
+        futs = [pool.submit(jobs.sleep_return_pid, 0.05) for _ in range(2 * nprocs)]
+        pids.update(f.result(timeout=max(left, 0.1)) for f in futs)
+    return pids
+
+
+def call_with_deadline(fn, timeout: float, what: str):
+    """Run fn() in a daemon thread; fail (not hang) if it does not return within `timeout`."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # reported to the caller below
+            box["error"] = e
+
+    t = threading.Thread(target=run, name=f"deadline:{what}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise AssertionError(f"{what} did not return within {timeout:.1f}s (hang)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
