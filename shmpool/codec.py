@@ -20,6 +20,7 @@ import pickle
 import struct
 from typing import Any
 
+from .pages import copy_out
 from .pickler import SubprocPickler, has_zero_copy
 
 _TABLE = struct.Struct("<QII")
@@ -128,7 +129,7 @@ def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> 
         if off < stream_end or off + n > size:
             raise CodecError(f"buffer {i} at {off}+{n} lies outside the region")
         view = region[off : off + n]
-        buffers.append(bytearray(view) if copy_buffers else view)
+        buffers.append(copy_out(view) if copy_buffers else view)
     stream = region[table_end:stream_end]
     if has_zero_copy(pickler):
         obj = pickler.loads_from(stream, buffers)

@@ -12,6 +12,8 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from .pages import HUGE_COPY_BYTES, RegionFile
+
 
 class SubprocPickler:
     """Pickle with the highest protocol; a drop-in for torch's class of the same name."""
@@ -26,6 +28,8 @@ class SubprocPickler:
         return pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
 
     def loads_from(self, data: memoryview, buffers: Sequence[Any]) -> object:
+        if data.nbytes >= HUGE_COPY_BYTES:  # big in-band bytes: let them land on huge pages
+            return pickle.Unpickler(RegionFile(data), buffers=buffers).load()
         return pickle.loads(data, buffers=buffers)
 
 

@@ -79,3 +79,43 @@ def test_lambdas_need_cloudpickle() -> None:
 def test_corrupt_tables_are_rejected(region: bytes) -> None:
     with pytest.raises(CodecError):
         load(memoryview(region), SubprocPickler(), copy_buffers=True)
+
+
+@pytest.mark.parametrize("pickler", [SubprocPickler(), CloudPickler()], ids=["plain", "cloud"])
+def test_big_regions_unpickle_through_the_region_file(pickler: SubprocPickler) -> None:
+    """Regions of HUGE_COPY_BYTES and more are read through RegionFile (so big bytes land on
+    advised memory): the objects must be exactly what pickle.loads would give."""
+    from shmpool.pages import HUGE_COPY_BYTES
+
+    rng = np.random.default_rng(1)
+    big = rng.bytes(HUGE_COPY_BYTES + 12345)
+    obj = {
+        "big": big,
+        "ba": bytearray(b"z" * 70_000),
+        "small": [b"a", "é", 2**80, 1.5, None, (1, 2)],
+        "arr": np.arange(1 << 20, dtype=np.float32),
+        "pb": pickle.PickleBuffer(bytearray(b"q" * 5000)),
+    }
+    got, _ = _round_trip(obj, pickler)
+    assert type(got["big"]) is bytes and got["big"] == big
+    assert got["ba"] == obj["ba"] and type(got["ba"]) is bytearray
+    assert got["small"] == obj["small"]
+    np.testing.assert_array_equal(got["arr"], obj["arr"])
+    assert bytes(got["pb"]) == b"q" * 5000
+
+
+def test_region_file_reads_like_a_file() -> None:
+    from shmpool.pages import RegionFile, copy_out
+
+    data = b"line one\nline two\n" + b"x" * (9 << 20)
+    f = RegionFile(memoryview(data))
+    assert f.readline() == b"line one\n"
+    assert f.read(5) == b"line "
+    assert f.readline() == b"two\n"
+    dest = bytearray(6 << 20)
+    assert f.readinto(memoryview(dest)) == 6 << 20 and dest == b"x" * (6 << 20)
+    rest = bytearray(4 << 20)
+    assert f.readinto(memoryview(rest)) == 3 << 20  # short read at the end, as a file gives
+    assert f.read() == b"" and f.readline() == b""
+    copied = copy_out(memoryview(data))
+    assert type(copied) is bytearray and copied == data
