@@ -98,15 +98,21 @@ class Endpoint:
         flags: int = 0,
         wait_step: float | None = None,
         still_wanted: Callable[[], bool] = lambda: True,
+        *,
+        release: bool = False,
     ) -> bool:
         """Place ``parts`` in shared memory and send its header. With ``wait_step`` None this
-        never blocks on ring space and returns False when the ring is full right now."""
+        never blocks on ring space and returns False when the ring is full right now.
+        ``release`` drops ``parts``' references once written, before the header goes out: a
+        sender that will not resend frees its copy before the reader makes another."""
         size = parts.size
         if size > self.oneoff_threshold:
             segment = Segment.create(size, reserve=True, label="shmpool-oneoff")
             try:
                 assert segment.view is not None
                 parts.write_into(segment.view)
+                if release:
+                    parts.release()
                 header = wire.encode(kind, job_id, 0, size, flags | wire.Flag.ONEOFF)
                 send_header(self.sock, header, (segment.fd,))
             finally:
@@ -119,6 +125,8 @@ class Endpoint:
         if start is None:
             return False
         parts.write_into(self.outgoing.view(start, size))
+        if release:
+            parts.release()
         send_header(self.sock, wire.encode(kind, job_id, start, size, flags))
         return True
 

@@ -157,7 +157,7 @@ class Worker:
             return flags
         try:
             self.endpoint.send_payload(
-                wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+                wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive, release=True
             )
         except SharedMemoryError as e:
             self._reply_error(
