@@ -44,6 +44,13 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
+def _describe(exc: BaseException, context: str = "") -> tuple[str, str]:
+    """``(class name, traceback text led by context)`` of ``exc``. Call it inside the except block
+    and drop ``exc``: its traceback holds the job's frames, and through them views into its slot."""
+    details = "".join(traceback.format_exception(exc))
+    return type(exc).__name__, f"{context}:\n{details}" if context else details
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -103,32 +110,30 @@ class Worker:
                 fn, args = self.pickler.loads(boot["initializer"])
                 fn(*args)
         except BaseException as e:
-            self._reply_error(0, type(e).__name__, "worker initializer failed:\n" + traceback.format_exc())
+            self._reply_error(0, _describe(e, "worker initializer failed"))
             return False
         self.endpoint.send_control(wire.MsgKind.READY, 0, os.getpid())
         return True
 
-    def _reply_error(self, job_id: int, name: str, details: str, flags: int = 0) -> None:
+    def _reply_error(self, job_id: int, error: tuple[str, str], flags: int = 0) -> None:
         """Send ``(exception name, traceback text)``: the parent raises SubprocException from it."""
         assert self.endpoint is not None
         self.endpoint.send_payload(
-            wire.MsgKind.ERROR, job_id, dump((name, details), _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
+            wire.MsgKind.ERROR, job_id, dump(error, _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
         )
 
     def _run_job(self, header: wire.Header, fds: list[int]) -> int:
         """Run one job and reply. Returns the flags sent (RECYCLE means: exit now)."""
         assert self.endpoint is not None
-        payload = self.endpoint.open_payload(header, fds)
         # Mark it taken before anything can go wrong with it: if we die from here on, the parent
         # fails this job; if we die before, it runs the job on another worker.
         wire.TAKEN.pack_into(self.request_control, 0, header.job_id)
+        payload = self.endpoint.open_payload(header, fds)
         try:
             (fn, args, kwargs), uses_region = load(payload.view, self.pickler, copy_buffers=False)
         except BaseException as e:
             payload.release()
-            self._reply_error(
-                header.job_id, type(e).__name__, "job could not be unpickled in the worker:\n" + traceback.format_exc()
-            )
+            self._reply_error(header.job_id, _describe(e, "job could not be unpickled in the worker"))
             return 0
         if not uses_region:
             payload.release()  # free the request slot before running: the parent can reuse it
@@ -136,36 +141,31 @@ class Worker:
             result: Any = fn(*args, **kwargs)
             failure = None
         except BaseException as e:
-            result, failure = None, (type(e).__name__, traceback.format_exc())
+            result, failure = None, _describe(e)
         del fn, args, kwargs
         payload.release()  # out-of-band arguments were views into the slot until now
         flags = 0
         if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
             flags = int(wire.Flag.RECYCLE)
         if failure is not None:
-            self._reply_error(header.job_id, *failure, flags)
+            self._reply_error(header.job_id, failure, flags)
             return flags
         try:
             parts = dump(result, self.pickler)
         except BaseException as e:
-            self._reply_error(header.job_id, type(e).__name__, "result could not be pickled:\n" + traceback.format_exc(), flags)
+            self._reply_error(header.job_id, _describe(e, "result could not be pickled"), flags)
             return flags
         del result
         if self.max_payload is not None and parts.size > self.max_payload:
-            err = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
-            self._reply_error(header.job_id, type(err).__name__, f"{type(err).__name__}: {err}\n", flags)
+            too_large = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
+            self._reply_error(header.job_id, _describe(too_large), flags)
             return flags
         try:
             self.endpoint.send_payload(
                 wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive, release=True
             )
         except SharedMemoryError as e:
-            self._reply_error(
-                header.job_id,
-                type(e).__name__,
-                f"the job's result could not be placed in shared memory:\n{type(e).__name__}: {e}\n",
-                flags,
-            )
+            self._reply_error(header.job_id, _describe(e, "the job's result could not be placed in shared memory"), flags)
         return flags
 
     def serve(self) -> None:

@@ -36,6 +36,12 @@ def mark_then_sleep(marker: str, seconds: float) -> None:
     time.sleep(seconds)
 
 
+def boom_holding(a: np.ndarray) -> None:
+    """Raise while a local still views the argument (an in-place view into the request slot)."""
+    view = a[:10]
+    raise ValueError(f"no good, first {view[0]}")
+
+
 def boom(message: str) -> None:
     raise ValueError(message)
 

@@ -130,6 +130,14 @@ def test_unpicklable_job_raises_from_submit(pool: SubprocPool) -> None:
     assert pool.submit(corejobs.add, 2, 2).result(RESULT_TIMEOUT) == 4
 
 
+def test_a_job_raising_while_it_views_its_array_argument_costs_no_worker(pool: SubprocPool) -> None:
+    first = pool.submit(corejobs.pid).result(RESULT_TIMEOUT)
+    with pytest.raises(SubprocException, match="no good, first 7") as info:
+        pool.submit(corejobs.boom_holding, np.full(1 << 20, 7, dtype=np.int64)).result(RESULT_TIMEOUT)
+    assert info.value.name == "ValueError"
+    assert pool.submit(corejobs.pid).result(RESULT_TIMEOUT) == first  # the same worker lives on
+
+
 def test_unpicklable_result_fails_that_job_only(pool: SubprocPool) -> None:
     with pytest.raises(SubprocException, match="result could not be pickled"):
         pool.submit(corejobs.unpicklable_result).result(RESULT_TIMEOUT)

@@ -67,7 +67,8 @@ class _Progress:
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+                # disable=None: a bar only on a terminal; a CI log gets the table alone
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
             except ImportError:
                 pass
 
