@@ -20,7 +20,7 @@ from typing import Any
 import posix_ipc
 
 from . import wire
-from .channel import Endpoint, recv_header
+from .channel import Endpoint, Payload, recv_header
 from .codec import dump, load
 from .errors import PayloadTooLargeError
 from .pickler import SubprocPickler
@@ -130,42 +130,50 @@ class Worker:
         wire.TAKEN.pack_into(self.request_control, 0, header.job_id)
         payload = self.endpoint.open_payload(header, fds)
         try:
+            return self._run_and_reply(header.job_id, payload)
+        finally:
+            payload.release()
+
+    def _run_and_reply(self, job_id: int, payload: Payload) -> int:
+        assert self.endpoint is not None
+        try:
             (fn, args, kwargs), uses_region = load(payload.view, self.pickler, copy_buffers=False)
         except BaseException as e:
             payload.release()
-            self._reply_error(header.job_id, _describe(e, "job could not be unpickled in the worker"))
+            self._reply_error(job_id, _describe(e, "job could not be unpickled in the worker"))
             return 0
         if not uses_region:
             payload.release()  # free the request slot before running: the parent can reuse it
+        # Else out-of-band arguments are views into the slot, and so may the result be (a job
+        # that returns its array argument): the slot is freed once the reply is out.
         try:
             result: Any = fn(*args, **kwargs)
             failure = None
         except BaseException as e:
             result, failure = None, _describe(e)
         del fn, args, kwargs
-        payload.release()  # out-of-band arguments were views into the slot until now
         flags = 0
         if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
             flags = int(wire.Flag.RECYCLE)
         if failure is not None:
-            self._reply_error(header.job_id, failure, flags)
+            self._reply_error(job_id, failure, flags)
             return flags
         try:
             parts = dump(result, self.pickler)
         except BaseException as e:
-            self._reply_error(header.job_id, _describe(e, "result could not be pickled"), flags)
+            self._reply_error(job_id, _describe(e, "result could not be pickled"), flags)
             return flags
         del result
         if self.max_payload is not None and parts.size > self.max_payload:
             too_large = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
-            self._reply_error(header.job_id, _describe(too_large), flags)
+            self._reply_error(job_id, _describe(too_large), flags)
             return flags
         try:
             self.endpoint.send_payload(
-                wire.MsgKind.RESULT, header.job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive, release=True
+                wire.MsgKind.RESULT, job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive, release=True
             )
         except SharedMemoryError as e:
-            self._reply_error(header.job_id, _describe(e, "the job's result could not be placed in shared memory"), flags)
+            self._reply_error(job_id, _describe(e, "the job's result could not be placed in shared memory"), flags)
         return flags
 
     def serve(self) -> None:

@@ -106,6 +106,17 @@ def test_numpy_arguments_arrive_in_place_and_results_come_back(pool: SubprocPool
     assert 1.0 <= stats.copied_to_workers / stats.bytes_to_workers < 1.01
 
 
+def test_a_result_that_views_its_argument_is_sent_before_the_slot_is_reused(make_pool) -> None:
+    """echo of an array returns a view into the request slot: the slot must stay the worker's
+    until the result is out, even while other jobs are written into the ring behind it."""
+    pool = make_pool(1, ring_size=1 << 20)
+    arrays = [np.full(16 << 10, i, dtype=np.uint8) for i in range(256)]
+    futures = [pool.submit(corejobs.echo, a) for a in arrays for _ in range(4)]
+    for k, f in enumerate(futures):
+        got = f.result(RESULT_TIMEOUT)
+        assert got.shape == (16 << 10,) and (got == k // 4).all(), f"job {k} came back with another job's bytes"
+
+
 def test_copies_per_byte_for_bytes_are_two_each_way(make_pool) -> None:
     pool = make_pool(1)
     payload = os.urandom(8 << 20)
@@ -130,7 +141,8 @@ def test_unpicklable_job_raises_from_submit(pool: SubprocPool) -> None:
     assert pool.submit(corejobs.add, 2, 2).result(RESULT_TIMEOUT) == 4
 
 
-def test_a_job_raising_while_it_views_its_array_argument_costs_no_worker(pool: SubprocPool) -> None:
+def test_a_job_raising_while_it_views_its_array_argument_costs_no_worker(make_pool) -> None:
+    pool = make_pool(1)
     first = pool.submit(corejobs.pid).result(RESULT_TIMEOUT)
     with pytest.raises(SubprocException, match="no good, first 7") as info:
         pool.submit(corejobs.boom_holding, np.full(1 << 20, 7, dtype=np.int64)).result(RESULT_TIMEOUT)
