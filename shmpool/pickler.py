@@ -8,10 +8,12 @@ shmpool's single copy into shared memory. A subclass that overrides only ``dumps
 """
 from __future__ import annotations
 
+import collections
 import pickle
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
+from . import tensors
 from .pages import HUGE_COPY_BYTES, RegionFile
 
 
@@ -25,7 +27,11 @@ class SubprocPickler:
         return pickle.loads(data)
 
     def make_pickler(self, file: IO[bytes], buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> pickle.Pickler:
-        return pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
+        pickler = pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
+        storages = tensors.dispatch_table()
+        if storages is not None:
+            pickler.dispatch_table = storages  # torch CPU storages out of band
+        return pickler
 
     def loads_from(self, data: memoryview, buffers: Sequence[Any]) -> object:
         if data.nbytes >= HUGE_COPY_BYTES:  # big in-band bytes: let them land on huge pages
@@ -44,7 +50,11 @@ class CloudPickler(SubprocPickler):
     def make_pickler(self, file: IO[bytes], buffer_callback: Callable[[pickle.PickleBuffer], Any]) -> pickle.Pickler:
         import cloudpickle
 
-        return cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
+        pickler = cloudpickle.CloudPickler(file, protocol=5, buffer_callback=buffer_callback)
+        storages = tensors.dispatch_table()
+        if storages is not None:  # in front of cloudpickle's own table, which it needs
+            pickler.dispatch_table = collections.ChainMap(storages, pickler.dispatch_table)
+        return pickler
 
 
 _zero_copy_by_type: dict[type, bool] = {}  # asked per message: answer once per class
