@@ -92,6 +92,7 @@ QUIT_GRACE = 2.0  # seconds workers get to exit after QUIT (idle) or SIGTERM (bu
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL
 EXIT_STATUS_WAIT = 5.0  # seconds to wait for a dead worker's exit status before failing its job anyway
 MAX_START_FAILURES = 3  # consecutive workers dying before READY: stop retrying, fail the queue
+START_RETRY_DELAY = 0.5  # seconds before trying again to start a worker that could not be started
 JOIN_LIMIT = 30.0  # seconds shutdown(wait=True) waits for the dispatcher's teardown
 _PLAIN = SubprocPickler()
 
@@ -250,6 +251,7 @@ class SubprocPool:
         self._helper: ForkHelper | None = None
         self._start_failures = 0
         self._start_error: str | None = None
+        self._start_retry_at: float | None = None  # a start failed: try again then
         self._last_activity = time.monotonic()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -498,6 +500,8 @@ class SubprocPool:
             deadlines += [w.eof_at + EXIT_STATUS_WAIT for w in self._workers.values() if w.eof_at is not None]
             if self._auto_quiesce and not self._quiesced and self._workers:
                 deadlines.append(self._last_activity + self._quiesce_after)
+            if self._start_retry_at is not None:
+                deadlines.append(self._start_retry_at)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -519,6 +523,7 @@ class SubprocPool:
             self._quiesced = True
 
     def _start_or_stop_workers(self) -> None:
+        self._start_retry_at = None
         if self._quiesced:
             for w in self._workers.values():
                 if not w.inflight and not w.quitting:
@@ -541,6 +546,9 @@ class SubprocPool:
                 self._start_failures += 1
                 self._start_error = f"{type(e).__name__}: {e}"
                 log.warning("shmpool could not start a worker: %s", self._start_error)
+                # Nothing else may wake us (no worker, no reply): retry on a deadline, so the
+                # queue either runs or fails after MAX_START_FAILURES tries, never waits forever.
+                self._start_retry_at = time.monotonic() + START_RETRY_DELAY
                 break
 
     def _start_worker(self) -> None:

@@ -114,7 +114,23 @@ def new_semaphore_name() -> str:
 
 
 def create_semaphore(name: str) -> posix_ipc.Semaphore:
-    return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=_MODE, initial_value=0)
+    try:
+        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=_MODE, initial_value=0)
+    except OSError as e:
+        # A semaphore is a one-page file in /dev/shm: the only place shmpool needs space there.
+        raise SharedMemoryError(
+            f"could not create semaphore {name} ({e.strerror}): it needs one page "
+            f"({mmap.PAGESIZE:,} bytes) in {_DEV_SHM}, which has {_free_bytes(_DEV_SHM):,} bytes free; "
+            f"free space in {_DEV_SHM} (shmpool needs two pages per starting worker)"
+        ) from e
+
+
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return -1
+    return st.f_bavail * st.f_frsize
 
 
 def open_and_unlink_semaphore(name: str) -> posix_ipc.Semaphore:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import resource
 import signal
@@ -138,3 +139,58 @@ def test_worker_out_of_shared_memory_fails_the_job_clearly(shmpool_mod, make_poo
     assert "SharedMemoryError" in str(exc), str(exc)
     assert pool.submit(jobs.getpid).result(timeout=JOB_DEADLINE) == pid
     assert pool.stats().workers_died == 0
+
+
+# Run inside a private mount namespace whose /dev/shm is a full 8 KiB tmpfs: the machine's own
+# /dev/shm is never touched. The script prints one line per outcome.
+_DEV_SHM_FULL_SCRIPT = r"""
+import operator, os, sys, time
+from shmpool import SubprocKind, SubprocPool, WorkerStartError
+pool = SubprocPool(1, kind=SubprocKind(sys.argv[1]))
+start = time.monotonic()
+try:
+    pool.submit(operator.add, 1, 2).result(timeout=float(sys.argv[2]))
+    print("UNEXPECTED result")
+except WorkerStartError as e:
+    print(f"WorkerStartError after {time.monotonic() - start:.1f}s: {e}")
+os.remove("/dev/shm/fill")
+print("after freeing:", pool.submit(operator.add, 1, 2).result(timeout=float(sys.argv[2])))
+pool.shutdown()
+"""
+
+
+def _can_unshare_mounts() -> bool:
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("kind_value", ["spawn", "fork"])
+def test_full_dev_shm_fails_the_queue_clearly_and_recovers(kind_value):
+    """/dev/shm full when a worker starts (its two semaphores cannot be created): the queued job
+    fails with WorkerStartError naming the space asked for and the space left, within a few
+    retries, never hangs; once space is freed the next submit runs."""
+    import subprocess
+    import sys
+
+    if not _can_unshare_mounts():
+        pytest.skip("needs root and `unshare --mount` to give the test a private, full /dev/shm")
+    shell = (
+        "mount -t tmpfs -o size=8k tmpfs /dev/shm && "
+        "dd if=/dev/zero of=/dev/shm/fill bs=4k count=2 2>/dev/null; "
+        f'exec "{sys.executable}" -c "$0" "$1" "$2"'
+    )
+    proc = subprocess.run(
+        ["unshare", "--mount", "bash", "-c", shell, _DEV_SHM_FULL_SCRIPT, kind_value, str(JOB_DEADLINE)],
+        capture_output=True, text=True, timeout=3 * JOB_DEADLINE,
+    )
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.strip().splitlines()
+    assert first.startswith("WorkerStartError after"), proc.stdout
+    assert "No space left on device" in first and "4,096 bytes" in first and "0 bytes free" in first, first
+    assert float(first.split("after ")[1].split("s:")[0]) < JOB_DEADLINE / 2, first  # retries, then fails
+    assert second == "after freeing: 3", proc.stdout
