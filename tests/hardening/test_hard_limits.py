@@ -1,11 +1,14 @@
-"""Per-job timeout and the worker memory cap."""
+"""Per-job timeout, the worker memory cap, and running out of shared memory or /dev/shm."""
 from __future__ import annotations
 
 import contextlib
 import os
 import re
 import resource
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -160,9 +163,6 @@ pool.shutdown()
 
 
 def _can_unshare_mounts() -> bool:
-    import shutil
-    import subprocess
-
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
     probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
@@ -174,9 +174,6 @@ def test_full_dev_shm_fails_the_queue_clearly_and_recovers(kind_value):
     """/dev/shm full when a worker starts (its two semaphores cannot be created): the queued job
     fails with WorkerStartError naming the space asked for and the space left, within a few
     retries, never hangs; once space is freed the next submit runs."""
-    import subprocess
-    import sys
-
     if not _can_unshare_mounts():
         pytest.skip("needs root and `unshare --mount` to give the test a private, full /dev/shm")
     shell = (
