@@ -8,11 +8,13 @@ Where the bytes go (one job, N bytes each way)::
     pickle -> Parts (pieces held
     by reference, no copy)  --queue-->  pick an idle worker
                                         Parts.write_into(request ring)   COPY 1 (sender)
-                                        header --SEQPACKET socket-->     recv header
+                                        header --SEQPACKET socket-->     recv header, mark it taken
                                                                          unpickle from the ring
                                                                            in-band bytes: COPY 2
                                                                            numpy/PickleBuffer: 0
-                                                                         free the slot (semaphore)
+                                                                         free the slot (semaphore;
+                                                                           after the reply if the
+                                                                           job uses it in place)
                                                                          run fn
                                                                          pickle result into the
                                                                            response ring: COPY 3
