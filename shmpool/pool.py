@@ -197,6 +197,10 @@ class SubprocPool:
     ``preload`` names modules the FORK helper imports once so forked workers start warm.
     """
 
+    # What a job that raised in its worker fails with: built as ``remote_error_class(details,
+    # name)``. torch's glue sets a class that is also torch's own SubprocException.
+    remote_error_class: type[SubprocException] = SubprocException
+
     def __init__(
         self,
         nprocs: int,
@@ -653,13 +657,13 @@ class SubprocPool:
             if header.kind == wire.MsgKind.ERROR:
                 error, _ = load(payload.view, _PLAIN, copy_buffers=True)
                 name, details = error if isinstance(error, tuple) and len(error) == 2 else ("<unknown>", error)
-                value, exc = None, SubprocException(str(details), str(name))
+                value, exc = None, self.remote_error_class(str(details), str(name))
             else:
                 try:
                     value, _ = load(payload.view, self.pickler, copy_buffers=True)
                     exc = None
                 except Exception:
-                    value, exc = None, SubprocException(
+                    value, exc = None, self.remote_error_class(
                         "the job's result could not be unpickled in the parent:\n" + traceback.format_exc()
                     )
         finally:
