@@ -14,34 +14,61 @@ import os
 import socket
 from collections.abc import Callable
 
+from typing import NamedTuple
+
 from . import wire
-from .codec import Parts
+from .codec import Frozen, Parts
 from .ring import RingReader, RingWriter
-from .shm import Segment
+from .shm import RegionMapping, Segment, SharedMemoryError
 
 MAX_FDS = 4  # the most any message carries (FORK: socket and two rings)
 _FD_ARRAY = array.array("i")
 
 
 class Payload:
-    """A received payload's bytes, and the duty to free them exactly once."""
+    """A received payload's bytes, and the duty to free them exactly once.
 
-    __slots__ = ("view", "_ring", "_segment")
+    ``release()`` drops the view, then gives the memory back: a one-off segment is closed; a
+    ring region is freed for the producer, after the job's own mapping of it (if any) is
+    closed. It returns False in the one case where the region must not be reused: a job kept
+    views of its mapping and they could not be moved to private memory."""
 
-    def __init__(self, view: memoryview, ring: RingReader | None, segment: Segment | None) -> None:
+    __slots__ = ("view", "_ring", "_segment", "_mapping")
+
+    def __init__(
+        self, view: memoryview, ring: RingReader | None, segment: Segment | None, mapping: RegionMapping | None = None
+    ) -> None:
         self.view = view
         self._ring = ring
         self._segment = segment
+        self._mapping = mapping
 
-    def release(self) -> None:
+    def release(self) -> bool:
         if self.view is None:
-            return
+            return True
         self.view.release()
         self.view = None  # type: ignore[assignment]
-        if self._ring is not None:
+        reusable = True
+        if self._mapping is not None:
+            try:
+                self._mapping.close()
+            except SharedMemoryError:
+                reusable = False
+        if self._ring is not None and reusable:
             self._ring.free()
         if self._segment is not None:
             self._segment.close()
+        return reusable
+
+
+class Placement(NamedTuple):
+    """Where a payload was put: a ring position, or a one-off segment (its fd goes with the
+    header; the sender may keep the segment to send it again)."""
+
+    start: int
+    size: int
+    oneoff: Segment | None
+    written: bool = True  # False: a staged segment sent as it was, no copy made now
 
 
 def send_header(sock: socket.socket, header: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
@@ -80,6 +107,26 @@ def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
         raise
 
 
+def freeze(parts: Parts | Frozen, stage_bytes: int) -> Frozen:
+    """A private copy of ``parts``, encoded: into a memfd of its own when at least
+    ``stage_bytes`` (sent later as a one-off segment, so the copy made now is the only one),
+    else into a plain buffer."""
+    if isinstance(parts, Frozen):
+        return parts
+    if parts.size >= stage_bytes:
+        segment = Segment.create(parts.size, reserve=True, label="shmpool-staged")
+        try:
+            assert segment.view is not None
+            parts.write_into(segment.view)
+        except BaseException:
+            segment.close()
+            raise
+        return Frozen(segment.view, parts.oob_bytes, segment)
+    buf = bytearray(parts.size)
+    parts.write_into(memoryview(buf))
+    return Frozen(memoryview(buf), parts.oob_bytes)
+
+
 class Endpoint:
     def __init__(self, sock: socket.socket, outgoing: RingWriter, incoming: RingReader) -> None:
         self.sock = sock
@@ -90,54 +137,85 @@ class Endpoint:
     def send_control(self, kind: wire.MsgKind, job_id: int = 0, offset: int = 0, length: int = 0) -> None:
         send_header(self.sock, wire.encode(kind, job_id, offset, length))
 
-    def send_payload(
+    def stage(
         self,
-        kind: wire.MsgKind,
-        job_id: int,
-        parts: Parts,
-        flags: int = 0,
+        payload: Parts | Frozen,
         wait_step: float | None = None,
         still_wanted: Callable[[], bool] = lambda: True,
-        *,
-        release: bool = False,
-    ) -> bool:
-        """Place ``parts`` in shared memory and send its header. With ``wait_step`` None this
-        never blocks on ring space and returns False when the ring is full right now.
-        ``release`` drops ``parts``' references once written, before the header goes out: a
-        sender that will not resend frees its copy before the reader makes another."""
-        size = parts.size
+    ) -> Placement | None:
+        """Put ``payload`` in shared memory, announcing nothing yet. With ``wait_step`` None
+        this never blocks on ring space and returns None when the ring is full right now. An
+        exception while writing (a KeyboardInterrupt in the caller's thread, say) gives the
+        space back before it propagates."""
+        size = payload.size
+        segment = payload.segment if isinstance(payload, Frozen) else None
+        if segment is not None:
+            payload.segment = None  # the placement owns it now
+            return Placement(0, size, segment, written=False)
         if size > self.oneoff_threshold:
             segment = Segment.create(size, reserve=True, label="shmpool-oneoff")
             try:
                 assert segment.view is not None
-                parts.write_into(segment.view)
-                if release:
-                    parts.release()
-                header = wire.encode(kind, job_id, 0, size, flags | wire.Flag.ONEOFF)
-                send_header(self.sock, header, (segment.fd,))
-            finally:
-                segment.close()  # the fd in flight keeps the memory alive for the reader
-            return True
+                payload.write_into(segment.view)
+            except BaseException:
+                segment.close()
+                raise
+            return Placement(0, size, segment)
         if wait_step is None:
             start = self.outgoing.try_reserve(size)
         else:
             start = self.outgoing.reserve(size, wait_step, still_wanted)
         if start is None:
+            return None
+        try:
+            payload.write_into(self.outgoing.view(start, size))
+        except BaseException:
+            self.outgoing.unreserve(start)
+            raise
+        return Placement(start, size, None)
+
+    def announce(self, kind: wire.MsgKind, job_id: int, placement: Placement, flags: int = 0) -> None:
+        """Send the header for a staged payload (raises OSError if the peer is gone)."""
+        if placement.oneoff is not None:
+            header = wire.encode(kind, job_id, 0, placement.size, flags | wire.Flag.ONEOFF)
+            send_header(self.sock, header, (placement.oneoff.fd,))
+        else:
+            send_header(self.sock, wire.encode(kind, job_id, placement.start, placement.size, flags))
+
+    def send_payload(
+        self,
+        kind: wire.MsgKind,
+        job_id: int,
+        parts: Parts,
+        flags: int,
+        wait_step: float,
+        still_wanted: Callable[[], bool],
+        *,
+        release: bool = False,
+    ) -> bool:
+        """Stage and announce, waiting for ring space (the worker's replies). ``release`` drops
+        ``parts``' references once written, before the header goes out: a sender that will not
+        resend frees its copy before the reader makes another. False if ``still_wanted`` said no."""
+        placement = self.stage(parts, wait_step, still_wanted)
+        if placement is None:
             return False
-        parts.write_into(self.outgoing.view(start, size))
         if release:
             parts.release()
-        send_header(self.sock, wire.encode(kind, job_id, start, size, flags))
+        try:
+            self.announce(kind, job_id, placement, flags)
+        finally:
+            if placement.oneoff is not None:
+                placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
         return True
 
-    def open_payload(self, header: wire.Header, fds: list[int]) -> Payload:
+    def open_payload(self, header: wire.Header, fds: list[int], *, populate: bool = True) -> Payload:
         """The payload a header points at, checked against what the header may claim."""
         if header.flags & wire.Flag.ONEOFF:
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 raise wire.WireError(f"one-off payload with {len(fds)} fds, expected 1")
-            segment = Segment.attach(fds[0], populate=True)
+            segment = Segment.attach(fds[0], populate=populate)
             if header.offset != 0 or header.length > segment.size:
                 segment.close()
                 raise wire.WireError(f"one-off payload claims {header.length} bytes of a {segment.size}-byte segment")

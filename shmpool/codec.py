@@ -26,6 +26,10 @@ from .pickler import SubprocPickler, has_zero_copy
 _TABLE = struct.Struct("<QII")
 _ENTRY = struct.Struct("<QQ")
 _ALIGN = 64
+# Out-of-band arguments at least this big are used in place by the job (views of its own
+# mapping of the request region, see shm.RegionMapping); smaller ones are copied, which costs
+# less than mapping them.
+IN_PLACE_MIN_BYTES = 64 << 10
 MAX_BUFFERS = 1 << 16  # far beyond any real object graph; bounds the table a peer can claim
 
 
@@ -74,6 +78,12 @@ class Parts:
     def oob_bytes(self) -> int:
         return sum(b.nbytes for b in self.buffers)
 
+    @property
+    def mutable(self) -> bool:
+        """Whether the caller could still change these bytes: any piece that is not a ``bytes``
+        object (a bytearray, an array, any out-of-band buffer)."""
+        return bool(self.buffers) or any(type(c.obj) is not bytes for c in self.chunks)
+
     def write_into(self, dst: memoryview) -> None:
         """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
         _TABLE.pack_into(dst, 0, self.stream_len, len(self.buffers), 0)
@@ -92,6 +102,40 @@ class Parts:
         """Drop the references to the caller's objects once they are in shared memory."""
         self.chunks = []
         self.buffers = []
+
+
+class Frozen:
+    """A payload already encoded into memory of its own: what a job that must wait keeps, so
+    that changing the caller's objects after ``submit()`` never reaches it. ``region`` is a
+    private buffer, or the view of a staged ``segment`` that is sent as it is (no second copy)."""
+
+    __slots__ = ("region", "segment", "size", "oob_bytes")
+
+    def __init__(self, region: memoryview, oob_bytes: int, segment: Any = None) -> None:
+        self.region = region
+        self.segment = segment
+        self.size = region.nbytes
+        self.oob_bytes = oob_bytes
+
+    def write_into(self, dst: memoryview) -> None:
+        dst[: self.size] = self.region
+
+    def release(self) -> None:
+        self.region = memoryview(b"")
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+def oob_bytes_of(region: memoryview) -> int:
+    """Bytes of out-of-band buffers an encoded region carries (0 when its table is unreadable:
+    ``load`` then reports the error)."""
+    if region.nbytes < _TABLE.size:
+        return 0
+    _, nbuf, _ = _TABLE.unpack_from(region, 0)
+    if nbuf > MAX_BUFFERS or _TABLE.size + _ENTRY.size * nbuf > region.nbytes:
+        return 0
+    return sum(_ENTRY.unpack_from(region, _TABLE.size + i * _ENTRY.size)[1] for i in range(nbuf))
 
 
 def _raw(buf: pickle.PickleBuffer) -> memoryview:

@@ -6,7 +6,11 @@ other threads held; forking this helper copies a clean interpreter with shmpool 
 children and tells the parent how each one ended (REAPED), since only a parent can wait.
 
     parent --FORK(serial) + fds[socket, request ring, response ring]--> helper
-    parent <--FORKED(serial, pid)-- helper          parent <--REAPED(serial, pid, status)-- helper
+    parent <--FORKED(serial, pid) + fds[pidfd]-- helper
+    parent <--REAPED(serial, pid, status)-- helper
+
+The pidfd lets the parent see the worker's exit itself, at once and whoever else holds the
+worker's socket (a grandchild a job forked does), though only the helper can reap it.
 """
 from __future__ import annotations
 
@@ -36,9 +40,9 @@ def _fork_worker(ctrl: socket.socket, selector: selectors.BaseSelector, serial: 
         run(sock_fd, request_fd, response_fd, helper_pid)
     for fd in fds:
         os.close(fd)
-    pidfd = os.pidfd_open(pid)
+    pidfd = os.pidfd_open(pid)  # before any wait of ours: the pid cannot have been reused
     selector.register(pidfd, selectors.EVENT_READ, (serial, pid))
-    send_header(ctrl, wire.encode(wire.MsgKind.FORKED, serial, pid))
+    send_header(ctrl, wire.encode(wire.MsgKind.FORKED, serial, pid), (pidfd,))
 
 
 def serve(ctrl_fd: int, parent_pid: int, preload: list[str]) -> None:
@@ -70,10 +74,7 @@ def serve(ctrl_fd: int, parent_pid: int, preload: list[str]) -> None:
                 selector.unregister(key.fd)
                 os.close(key.fd)
                 _, status = os.waitpid(pid, 0)
-                try:
-                    send_header(ctrl, wire.encode(wire.MsgKind.REAPED, serial, pid, status))
-                except OSError:
-                    return  # the parent is gone: nobody left to tell
+                send_header(ctrl, wire.encode(wire.MsgKind.REAPED, serial, pid, status))
 
 
 def main() -> None:
@@ -82,6 +83,8 @@ def main() -> None:
     code = 0
     try:
         serve(ctrl_fd, parent_pid, preload)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent closed our socket (shutdown, or it died): nobody left to tell
     except BaseException:
         import traceback
 

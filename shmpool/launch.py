@@ -1,7 +1,8 @@
 """Starting processes: SPAWN workers and the fork helper are fresh interpreters; FORK workers
 are forked by the helper. Only the pool's dispatcher thread calls into this module: Linux's
 PDEATHSIG fires when the *thread* that started a child exits, and the dispatcher thread lives
-exactly as long as the workers should."""
+exactly as long as the workers should. Every process the pool owns is watched through a pidfd,
+which becomes readable the moment the process exits, whoever else holds its sockets."""
 from __future__ import annotations
 
 import os
@@ -58,6 +59,7 @@ class ForkHelper:
             child_sock.close()
         parent_sock.setblocking(False)
         self.sock = parent_sock
+        self.pidfd = os.pidfd_open(self.proc.pid)  # our child, not yet reaped: cannot be reused
 
     @property
     def pid(self) -> int:
@@ -70,6 +72,9 @@ class ForkHelper:
         """Closing our end makes the helper exit, and its workers with it (PDEATHSIG)."""
         self.sock.close()
         stop_process(self.proc, wait)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def stop_process(proc: subprocess.Popen, wait: float, term_wait: float | None = None) -> int:

@@ -13,6 +13,17 @@ Invariants (one ring per direction per worker, so each side has exactly one writ
   * When nothing is outstanding the next region starts again at physical offset 0: the front
     of the buffer stays faulted in and hot in cache, instead of every payload walking onto
     fresh pages until the ring wraps.
+
+Who wakes a producer that found the ring full (nothing here ever polls):
+  * Request ring (parent -> worker). The parent never blocks on it: a job that does not fit
+    waits in the pool's queue. The worker frees every job's region *before* it sends the
+    header that answers the job (RESULT or ERROR), so each freed region is followed by a
+    message on the worker's socket, which wakes the dispatcher to retry; a worker that dies
+    instead wakes it through its pidfd. Any free the parent has not been told of yet is found
+    by ``try_reserve`` draining the semaphore.
+  * Response ring (worker -> parent). The worker blocks in ``reserve`` on the semaphore
+    itself: the parent frees each reply's region as soon as it has read it, which posts. The
+    wait is cut into steps only to notice a parent that died.
 """
 from __future__ import annotations
 
@@ -75,6 +86,14 @@ class RingWriter:
         self.head = start + size
         self._outstanding.append(self.head)
         return start
+
+    def unreserve(self, start: int) -> None:
+        """Take back the newest region, which was reserved at ``start`` but never announced
+        (its writer was interrupted): the ring is as if it had never been handed out."""
+        if not self._outstanding or self._outstanding[-1] != self.head:
+            raise RingError("only the newest region can be taken back")
+        self._outstanding.pop()
+        self.head = start
 
     def reserve(self, size: int, wait_step: float, still_wanted: Callable[[], bool]) -> int | None:
         """Block until ``size`` bytes are free. Wakes every ``wait_step`` seconds to ask

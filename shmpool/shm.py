@@ -13,6 +13,8 @@ them; mode 0600 keeps other users out.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 import secrets
@@ -48,6 +50,8 @@ class Segment:
     view: memoryview | None = None
 
     def __init__(self, fd: int, size: int, *, populate: bool = False) -> None:
+        """Map ``fd``, taking ownership of it: on failure the fd is closed here, exactly once,
+        so a caller never closes it again (a second close could hit another thread's file)."""
         self.fd = fd
         self.size = size
         try:
@@ -55,6 +59,9 @@ class Segment:
             # A zero-length mapping is an error; keep one page so empty segments still work.
             self._map = mmap.mmap(fd, max(size, 1), flags=flags)
             self.view = memoryview(self._map)[:size]
+        except OSError as e:
+            self.close()
+            raise SharedMemoryError(_map_failure(size, e)) from e
         except BaseException:
             self.close()
             raise
@@ -68,29 +75,28 @@ class Segment:
         except OSError as e:
             raise SharedMemoryError(f"could not create a shared-memory segment of {size:,} bytes ({e.strerror})") from e
         try:
-            try:
-                os.ftruncate(fd, max(size, 1))
-                if reserve and size:
-                    os.posix_fallocate(fd, 0, size)
-                return cls(fd, size, populate=reserve)
-            except OSError as e:
+            os.ftruncate(fd, max(size, 1))
+            if reserve and size:
+                os.posix_fallocate(fd, 0, size)
+        except BaseException as e:
+            os.close(fd)
+            if isinstance(e, OSError):
                 raise SharedMemoryError(
                     f"could not reserve {size:,} bytes of shared memory ({e.strerror}); "
                     f"MemAvailable is {_mem_available():,} bytes: free memory or lower the payload"
                 ) from e
-        except BaseException:
-            os.close(fd)
             raise
+        return cls(fd, size, populate=reserve)  # owns fd from here on
 
     @classmethod
     def attach(cls, fd: int, *, populate: bool = False) -> "Segment":
         """Map a segment received from a peer; takes ownership of ``fd``."""
         try:
             size = os.fstat(fd).st_size
-            return cls(fd, size, populate=populate)
         except BaseException:
             os.close(fd)
             raise
+        return cls(fd, size, populate=populate)  # owns fd from here on
 
     def close(self) -> None:
         if self.view is not None:
@@ -107,6 +113,85 @@ class Segment:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _map_failure(size: int, e: OSError) -> str:
+    hint = (
+        "the process's address space is exhausted (RLIMIT_AS / ulimit -v) or memory is short: "
+        "raise the limit or send a smaller payload"
+        if e.errno == errno.ENOMEM
+        else "the descriptor cannot be mapped"
+    )
+    return f"could not map {size:,} bytes of shared memory ({e.strerror}); {hint}"
+
+
+class RegionMapping:
+    """One job's own mapping of a region of a segment, for arguments it uses in place.
+
+    The job's arrays view this mapping, not the ring's, so the ring can reuse the region once
+    the job is over even if the job kept a view (in a global, a cache): ``close()`` then moves
+    those pages to private memory holding the same bytes, at the same address, and the kept
+    views go on seeing the job's own data, never a later job's.
+    """
+
+    _map: mmap.mmap | None = None
+    view: memoryview | None = None
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY
+        delta = offset - base
+        self._length = delta + size
+        try:
+            self._map = mmap.mmap(fd, self._length, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, offset=base)
+        except OSError as e:
+            raise SharedMemoryError(_map_failure(size, e)) from e
+        anchor = ctypes.c_char.from_buffer(self._map)  # an export: dropped on the next line
+        self._addr = ctypes.addressof(anchor)
+        del anchor
+        self.view = memoryview(self._map)[delta : delta + size]
+
+    def close(self) -> bool:
+        """Unmap; True when views outlived the job and were moved to private memory. Raises
+        SharedMemoryError when they could not be (the region must then never be reused)."""
+        if self.view is not None:
+            self.view.release()
+            self.view = None
+        if self._map is None:
+            return False
+        try:
+            self._map.close()
+        except BufferError:
+            _privatize(self._addr, self._length)
+            self._map = None  # its munmap, when the last view dies, frees the private pages
+            return True
+        self._map = None
+        return False
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MREMAP_MAYMOVE, _MREMAP_FIXED = 1, 2
+
+
+def _privatize(addr: int, length: int) -> None:
+    """Replace the pages at [addr, addr+length) with anonymous private pages holding the same
+    bytes: copy into a fresh mapping, then mremap it over the old one in one atomic step."""
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    fresh = _libc.mmap(None, length, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if fresh is None or fresh == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise SharedMemoryError(f"could not copy {length:,} bytes a job kept a view of ({os.strerror(err)})")
+    ctypes.memmove(fresh, addr, length)
+    moved = _libc.mremap(fresh, length, length, _MREMAP_MAYMOVE | _MREMAP_FIXED, addr)
+    if moved is None or moved == _MAP_FAILED:
+        err = ctypes.get_errno()
+        _libc.munmap(fresh, length)
+        raise SharedMemoryError(f"could not move {length:,} bytes a job kept a view of ({os.strerror(err)})")
 
 
 def new_semaphore_name() -> str:
@@ -149,22 +234,25 @@ def unlink_semaphore(name: str) -> None:
 
 
 def sweep_stale() -> int:
-    """Unlink semaphores left by shmpool processes that no longer exist. Returns how many."""
+    """Unlink semaphores this user's dead shmpool processes left behind. Returns how many.
+    Never raises: an entry of another user, or one that cannot be removed, is left alone."""
     removed = 0
+    prefix = "sem." + NAME_PREFIX
     try:
         entries = os.listdir(_DEV_SHM)
     except OSError:
         return 0
+    uid = os.getuid()
     for entry in entries:
-        if not entry.startswith("sem." + NAME_PREFIX):
+        if not entry.startswith(prefix):
             continue
         try:
-            pid = int(entry[len("sem." + NAME_PREFIX) :].split(".", 1)[0])
-        except ValueError:
-            continue
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        unlink_semaphore("/" + entry[len("sem.") :])
+            pid = int(entry[len(prefix) :].split(".", 1)[0])
+            if pid == os.getpid() or _pid_alive(pid) or os.stat(os.path.join(_DEV_SHM, entry)).st_uid != uid:
+                continue
+            posix_ipc.unlink_semaphore("/" + entry[len("sem.") :])
+        except (ValueError, OSError, posix_ipc.Error):
+            continue  # not ours to remove, or gone already
         removed += 1
     return removed
 

@@ -13,6 +13,16 @@ only says where. The layout, little-endian, 32 bytes::
 physical offset is ``offset % capacity``) or 0 for a one-off segment, whose memfd travels
 beside the header as SCM_RIGHTS ancillary data (flag ``ONEOFF``). For control messages the
 two u64 fields carry small integers named at each kind below.
+
+The request segment (parent -> worker), one per worker::
+
+    0                                   ring_capacity          + CONTROL_BYTES
+    +-----------------------------------+----------+--------------+
+    |   ring: job payloads (ring.py)    | taken id |   (unused)   |
+    +-----------------------------------+----------+--------------+
+
+The response segment (worker -> parent) is all ring. Job ids start at 1: id 0 names the
+worker's own set-up (INIT, and the ERROR an initializer that raised sends back).
 """
 from __future__ import annotations
 
@@ -21,10 +31,12 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 1
+VERSION = 2  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error)
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 _U64_MAX = (1 << 64) - 1
+
+SETUP_JOB_ID = 0
 
 # The request segment ends with a control block its ring never uses. The worker stores there the
 # id of each job as it takes the job's header off the socket, before touching the payload. The
@@ -32,6 +44,25 @@ _U64_MAX = (1 << 64) - 1
 # (fail it: it may be what killed the worker) from one the worker never read (run it elsewhere).
 CONTROL_BYTES = 64
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
+
+
+def request_segment_size(ring_capacity: int) -> int:
+    return ring_capacity + CONTROL_BYTES
+
+
+def request_ring_capacity(segment_size: int) -> int:
+    """The ring part of a request segment; raises WireError when there is none."""
+    if segment_size <= CONTROL_BYTES:
+        raise WireError(f"request segment of {segment_size} bytes has no room for a ring")
+    return segment_size - CONTROL_BYTES
+
+
+def read_taken(request: memoryview, ring_capacity: int) -> int:
+    return TAKEN.unpack_from(request, ring_capacity)[0]
+
+
+def mark_taken(request: memoryview, ring_capacity: int, job_id: int) -> None:
+    TAKEN.pack_into(request, ring_capacity, job_id)
 
 
 class MsgKind(enum.IntEnum):
@@ -42,10 +73,11 @@ class MsgKind(enum.IntEnum):
     # worker -> parent
     READY = 10  # no payload: INIT done; offset = worker pid
     RESULT = 11  # payload: the job's return value
-    ERROR = 12  # payload: (exception name, traceback text) pickled with plain pickle
+    ERROR = 12  # payload: (exception name, traceback text, shmpool error or None), plain pickle
+    ACK = 13  # no payload: the worker has mapped job_id's one-off segment; the parent may close its own
     # parent <-> fork helper
     FORK = 20  # parent -> helper; fds: socket, request ring, response ring; job_id = worker serial
-    FORKED = 21  # helper -> parent; job_id = worker serial, offset = pid
+    FORKED = 21  # helper -> parent; job_id = worker serial, offset = pid; fds: the worker's pidfd
     REAPED = 22  # helper -> parent; job_id = worker serial, offset = pid, length = raw wait status
 
 

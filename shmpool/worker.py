@@ -4,7 +4,17 @@ A worker is either a fresh interpreter (SPAWN, ``python -c 'from shmpool.worker 
 spawn_main; spawn_main()'``) or a fork of the fork helper (FORK). Either way it holds one
 socket and two memfd rings, all inherited as fds; everything else, the semaphore names
 included, arrives in its INIT payload through the request ring. It exits on EOF (the parent
-is gone), on QUIT, or after a reply flagged RECYCLE (over its memory cap).
+is gone), on QUIT, or after a reply flagged RECYCLE.
+
+One job, in order (the parent relies on each step's place):
+  1. mark the job taken in the request segment's control block (wire.mark_taken);
+  2. map its payload: big out-of-band arguments through a mapping of the job's own
+     (shm.RegionMapping), so views the job keeps can never see a later job's bytes;
+     ACK a one-off segment, so the parent can drop its copy;
+  3. unpickle; free the request region at once unless the job uses it in place;
+  4. run, pickle the result and write it into the response ring;
+  5. free the request region if still held (ring.py: *before* the reply's header, so the
+     header tells the parent there is room again), then send the header.
 """
 from __future__ import annotations
 
@@ -21,15 +31,17 @@ import posix_ipc
 
 from . import wire
 from .channel import Endpoint, Payload, recv_header
-from .codec import dump, load
+from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
 from .errors import PayloadTooLargeError
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import Segment, SharedMemoryError, open_and_unlink_semaphore
+from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
 _PLAIN = SubprocPickler()  # errors travel with plain pickle, whatever the pool's pickler is
+
+Error = tuple[str, str, Exception | None]  # (class name, traceback text, shmpool error to raise as is)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -44,11 +56,12 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _describe(exc: BaseException, context: str = "") -> tuple[str, str]:
-    """``(class name, traceback text led by context)`` of ``exc``. Call it inside the except block
-    and drop ``exc``: its traceback holds the job's frames, and through them views into its slot."""
+def _describe(exc: BaseException, context: str = "", infra: Exception | None = None) -> Error:
+    """``(class name, traceback text led by context, infra)`` of ``exc``. Call it inside the
+    except block and drop ``exc``: its traceback holds the job's frames, and through them views
+    into its slot."""
     details = "".join(traceback.format_exception(exc))
-    return type(exc).__name__, f"{context}:\n{details}" if context else details
+    return type(exc).__name__, f"{context}:\n{details}" if context else details, infra
 
 
 def _rss_bytes() -> int:
@@ -62,11 +75,7 @@ class Worker:
         self.request = request
         self.response = response
         self.parent_pid = parent_pid
-        if request.size <= wire.CONTROL_BYTES:
-            raise wire.WireError(f"request segment of {request.size} bytes has no room for a ring")
-        self.request_capacity = request.size - wire.CONTROL_BYTES
-        assert request.view is not None
-        self.request_control = request.view[self.request_capacity :]
+        self.request_capacity = wire.request_ring_capacity(request.size)
         self.endpoint: Endpoint | None = None
         self.pickler: SubprocPickler = _PLAIN
         self.max_payload: int | None = None
@@ -110,70 +119,104 @@ class Worker:
                 fn, args = self.pickler.loads(boot["initializer"])
                 fn(*args)
         except BaseException as e:
-            self._reply_error(0, _describe(e, "worker initializer failed"))
+            self._reply(wire.SETUP_JOB_ID, _describe(e, "worker initializer failed"), None)
             return False
         self.endpoint.send_control(wire.MsgKind.READY, 0, os.getpid())
         return True
 
-    def _reply_error(self, job_id: int, error: tuple[str, str], flags: int = 0) -> None:
-        """Send ``(exception name, traceback text)``: the parent raises SubprocException from it."""
+    def _open_job(self, header: wire.Header, fds: list[int]) -> tuple[Payload, bool]:
+        """The job's payload, and whether its out-of-band arguments are to be used in place.
+        Raises SharedMemoryError when it cannot be mapped (the region is freed first)."""
         assert self.endpoint is not None
-        self.endpoint.send_payload(
-            wire.MsgKind.ERROR, job_id, dump(error, _PLAIN), flags, RESULT_SPACE_WAIT_STEP, self._parent_alive
-        )
+        if header.flags & wire.Flag.ONEOFF:
+            payload = self.endpoint.open_payload(header, fds)
+            # The segment is ours alone from here on (it is never reused): views may stay.
+            self.endpoint.send_control(wire.MsgKind.ACK, header.job_id)
+            return payload, oob_bytes_of(payload.view) >= IN_PLACE_MIN_BYTES
+        payload = self.endpoint.open_payload(header, fds)
+        if oob_bytes_of(payload.view) < IN_PLACE_MIN_BYTES:
+            return payload, False
+        incoming = self.endpoint.incoming
+        try:
+            mapping = RegionMapping(self.request.fd, header.offset % incoming.capacity, header.length)
+        except SharedMemoryError:
+            payload.release()
+            raise
+        payload.view.release()
+        assert mapping.view is not None
+        return Payload(mapping.view, incoming, None, mapping), True
 
     def _run_job(self, header: wire.Header, fds: list[int]) -> int:
         """Run one job and reply. Returns the flags sent (RECYCLE means: exit now)."""
-        assert self.endpoint is not None
         # Mark it taken before anything can go wrong with it: if we die from here on, the parent
         # fails this job; if we die before, it runs the job on another worker.
-        wire.TAKEN.pack_into(self.request_control, 0, header.job_id)
-        payload = self.endpoint.open_payload(header, fds)
+        assert self.request.view is not None
+        wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
         try:
-            return self._run_and_reply(header.job_id, payload)
-        finally:
-            payload.release()
-
-    def _run_and_reply(self, job_id: int, payload: Payload) -> int:
-        assert self.endpoint is not None
+            payload, in_place = self._open_job(header, fds)
+        except SharedMemoryError as e:
+            cant_map = _describe(e, "the job's arguments could not be mapped in the worker", SharedMemoryError(str(e)))
+            return self._reply(header.job_id, cant_map, None)
+        # Each error is described inside its except block but answered after it: the exception's
+        # traceback holds the job's frames, and through them views into its mapping.
+        error: Error | None = None
         try:
-            (fn, args, kwargs), uses_region = load(payload.view, self.pickler, copy_buffers=False)
+            job, uses_region = load(payload.view, self.pickler, copy_buffers=not in_place)
         except BaseException as e:
-            payload.release()
-            self._reply_error(job_id, _describe(e, "job could not be unpickled in the worker"))
-            return 0
+            error = _describe(e, "job could not be unpickled in the worker")
+        if error is not None:
+            return self._reply(header.job_id, error, payload)
         if not uses_region:
             payload.release()  # free the request slot before running: the parent can reuse it
-        # Else out-of-band arguments are views into the slot, and so may the result be (a job
-        # that returns its array argument): the slot is freed once the reply is out.
+        result: Any = None
         try:
-            result: Any = fn(*args, **kwargs)
-            failure = None
+            fn, args, kwargs = job  # type: ignore[misc]
+            del job
+            result = fn(*args, **kwargs)
         except BaseException as e:
-            result, failure = None, _describe(e)
-        del fn, args, kwargs
-        flags = 0
-        if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
-            flags = int(wire.Flag.RECYCLE)
-        if failure is not None:
-            self._reply_error(job_id, failure, flags)
-            return flags
+            error = _describe(e)
+        fn = args = kwargs = job = None
+        if error is not None:
+            return self._reply(header.job_id, error, payload)
         try:
             parts = dump(result, self.pickler)
         except BaseException as e:
-            self._reply_error(job_id, _describe(e, "result could not be pickled"), flags)
-            return flags
-        del result
+            error = _describe(e, "result could not be pickled")
+        result = None
+        if error is not None:
+            return self._reply(header.job_id, error, payload)
         if self.max_payload is not None and parts.size > self.max_payload:
             too_large = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
-            self._reply_error(job_id, _describe(too_large), flags)
-            return flags
+            return self._reply(header.job_id, _describe(too_large), payload)
+        return self._reply(header.job_id, parts, payload)
+
+    def _reply(self, job_id: int, answer: Parts | Error, request: Payload | None) -> int:
+        """Write ``answer`` (a result, or an error the parent raises) into the response ring,
+        free the job's request region, then send the header. Returns the flags sent."""
+        assert self.endpoint is not None
+        kind = wire.MsgKind.RESULT
+        if isinstance(answer, tuple):
+            kind, answer = wire.MsgKind.ERROR, dump(answer, _PLAIN)
+        flags = 0
+        if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
+            flags |= wire.Flag.RECYCLE
         try:
-            self.endpoint.send_payload(
-                wire.MsgKind.RESULT, job_id, parts, flags, RESULT_SPACE_WAIT_STEP, self._parent_alive, release=True
-            )
+            placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
         except SharedMemoryError as e:
-            self._reply_error(job_id, _describe(e, "the job's result could not be placed in shared memory"), flags)
+            error = _describe(e, "the job's result could not be placed in shared memory")
+            kind, answer = wire.MsgKind.ERROR, dump(error, _PLAIN)
+            placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
+        if placement is None:
+            return int(wire.Flag.RECYCLE)  # the parent is gone
+        answer.release()  # drop the result object before the parent copies it
+        del answer
+        if request is not None and not request.release():
+            flags |= wire.Flag.RECYCLE  # a region we could not take back from the job: retire
+        try:
+            self.endpoint.announce(kind, job_id, placement, flags)
+        finally:
+            if placement.oneoff is not None:
+                placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
         return flags
 
     def serve(self) -> None:
@@ -186,8 +229,8 @@ class Worker:
             header, fds = got
             if header.kind == wire.MsgKind.QUIT:
                 return
-            if header.kind != wire.MsgKind.JOB:
-                raise wire.WireError(f"unexpected {header.kind.name} from the parent")
+            if header.kind != wire.MsgKind.JOB or header.job_id == wire.SETUP_JOB_ID:
+                raise wire.WireError(f"unexpected {header.kind.name} (job {header.job_id}) from the parent")
             if self._run_job(header, fds) & wire.Flag.RECYCLE:
                 return
 
@@ -208,9 +251,11 @@ def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> Non
         traceback.print_exc()
         code = 1
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
 
 
 def spawn_main() -> None:

@@ -1,0 +1,247 @@
+"""The pool's shared state, and the moves both caller threads and the dispatcher make on it.
+
+Callers place jobs straight into an idle worker's request ring from their own thread (no
+hand-off, no wake-up on the fast path); the dispatcher places what waited, after each reply.
+Both do it here, under ``lock``. Futures are resolved outside the lock (``flush``), so a
+done-callback may call back into the pool.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from . import wire
+from .channel import Placement, freeze
+from .codec import Frozen, IN_PLACE_MIN_BYTES, Parts, oob_bytes_of
+from .errors import SubprocException
+from .interrupts import deferred_interrupt
+from .lifecycle import Job, JobState, Worker, WorkerState, move_job, move_worker
+from .shm import SharedMemoryError
+
+# Jobs placed on one worker at a time. One, unless more jobs wait than there are workers and
+# recent jobs have been short: then up to four ride in each worker's ring, so a worker starts
+# its next job the moment it sends a result instead of idling through our wake-up. Long jobs
+# are never stacked: a job placed behind a slow one would wait while another worker sits idle.
+PIPELINE_DEPTH = 1
+SHORT_JOB_PIPELINE_DEPTH = 4
+SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
+JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
+# A job that must wait keeps a private copy of its bytes (the caller may change its arrays
+# after submit() returns). From this size the copy goes into a memfd of its own, which is then
+# sent as it is: one copy, as for a job placed at once.
+STAGE_BYTES = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStats:
+    """Counters since the pool started. ``copied_*`` counts payload bytes memcpy'd on the way
+    (sender's writes into shared memory or a private snapshot, plus receiver's read out of it),
+    so ``copied_to_workers / bytes_to_workers`` is the copies each byte took (2.0 for pickled
+    bytes, about 1.0 for big numpy arrays sent out of band and used in place)."""
+
+    jobs_submitted: int = 0
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    bytes_to_workers: int = 0
+    bytes_from_workers: int = 0
+    copied_to_workers: int = 0
+    copied_from_workers: int = 0
+    oneoff_segments: int = 0
+    workers_started: int = 0
+    workers_died: int = 0
+
+
+def settle(future: Future, result: Any = None, exc: BaseException | None = None) -> bool:
+    """Resolve a future unless it already is. Never raises."""
+    if future.done():
+        return False
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except Exception:  # InvalidStateError from a race with cancel(): the caller already gave up
+        return False
+    return True
+
+
+class PoolCore:
+    def __init__(self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException]) -> None:
+        self.nprocs = nprocs
+        self.lock = threading.Lock()
+        self.pending: collections.deque[Job] = collections.deque()  # QUEUED jobs, in order
+        self.workers: dict[int, Worker] = {}  # every worker not yet GONE, by serial
+        self.closing = False
+        self.quiesced = False
+        self.counts: dict[str, int] = dataclasses.asdict(PoolStats())
+        self.job_seconds = SHORT_JOB_SECONDS  # running average of job time: no stacking before a short job is seen
+        self.last_activity = time.monotonic()
+        self.remote_error_class = remote_error_class
+        self._zero_copy = zero_copy
+        self._to_settle: list[tuple[Future, Any, BaseException | None]] = []
+        self.wake: Callable[[], None] = lambda: None  # the dispatcher's; set when it starts
+
+    # ------------------------------------------------------------ resolving, under lock
+
+    def resolve(self, job: Job, value: Any = None, exc: BaseException | None = None) -> None:
+        """``job`` is over: drop its bytes, queue its future's resolution for ``flush``."""
+        move_job(job, JobState.DONE)
+        job.drop_payload()
+        if not job.future.done():
+            self.counts["jobs_failed" if exc is not None else "jobs_completed"] += 1
+            self._to_settle.append((job.future, value, exc))
+
+    def flush(self) -> None:
+        """Resolve queued futures. Call without ``lock``: done-callbacks may call back in."""
+        if not self._to_settle:
+            return
+        with self.lock:
+            todo, self._to_settle = self._to_settle, []
+        for future, value, exc in todo:
+            settle(future, value, exc)
+
+    # ------------------------------------------------------------ placing, under lock
+
+    def place_pending(self, now: float) -> None:
+        """Put queued jobs into ready workers' request rings, oldest first."""
+        full: set[int] = set()
+        pending = self.pending
+        while pending and not self.closing:
+            job = pending[0]
+            backlog = len(pending) > len(self.workers)
+            depth = SHORT_JOB_PIPELINE_DEPTH if backlog and self.job_seconds < SHORT_JOB_SECONDS else PIPELINE_DEPTH
+            best: Worker | None = None
+            for w in self.workers.values():
+                if w.state is WorkerState.READY and len(w.inflight) < depth and w.serial not in full:
+                    if best is None or len(w.inflight) < len(best.inflight):
+                        best = w
+            if best is None:
+                return
+            outcome = self.place(best, job, now)
+            if outcome is None:
+                full.add(best.serial)  # its ring is busy until its next reply
+            else:
+                pending.popleft()
+
+    def place(self, w: Worker, job: Job, now: float) -> bool | None:
+        """Try to put ``job`` on ``w``: True when placed, False when the job failed here (it is
+        resolved), None when it did not fit or ``w`` turned out unusable (try elsewhere)."""
+        payload = job.payload
+        assert payload is not None and job.state is JobState.QUEUED
+        if not job.running:
+            if not job.future.set_running_or_notify_cancel():
+                self.resolve(job)  # cancelled while it waited
+                return False
+            job.running = True
+        try:
+            placement = w.endpoint.stage(payload)
+        except SharedMemoryError as e:  # no memory for a one-off segment: this job only
+            self.resolve(job, exc=e)
+            return False
+        if placement is None:
+            return None
+        with deferred_interrupt():  # the three steps below happen together or not at all
+            w.inflight.append(job)
+            move_job(job, JobState.PLACED)
+            try:
+                w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement)
+            except OSError:
+                w.inflight.pop()
+                move_job(job, JobState.QUEUED)
+                self._unstage(payload, placement)
+                self.retire(w, "its socket broke while a job was being placed")
+                return None
+        job.placement = placement
+        if len(w.inflight) == 1:
+            self.job_starts(job, now)
+        self._count_placed(payload, placement)
+        # The bytes are in shared memory now: drop the caller's objects (a job put back in the
+        # queue later is read back from the ring, see requeue()).
+        payload.release()
+        job.payload = None
+        return True
+
+    @staticmethod
+    def _unstage(payload: Parts | Frozen, placement: Placement) -> None:
+        if placement.oneoff is None:
+            return
+        if isinstance(payload, Frozen) and payload.segment is None:
+            payload.segment = placement.oneoff  # give the staged segment back to its payload
+        else:
+            placement.oneoff.close()
+
+    def _count_placed(self, payload: Parts | Frozen, placement: Placement) -> None:
+        size = placement.size
+        counts = self.counts
+        counts["bytes_to_workers"] += size
+        in_place = payload.oob_bytes if payload.oob_bytes >= IN_PLACE_MIN_BYTES else 0
+        copied = size - in_place  # the worker's read: all but what it uses in place
+        if placement.written:
+            copied += size  # our write into shared memory
+        if isinstance(payload, Parts) and not self._zero_copy:
+            copied += size  # a dumps()-only pickler made a bytes of it first
+        counts["copied_to_workers"] += copied
+        if placement.oneoff is not None:
+            counts["oneoff_segments"] += 1
+
+    @staticmethod
+    def job_starts(job: Job, now: float) -> None:
+        """``job`` is now the one its worker runs: its clock (and timeout) starts."""
+        job.head_since = now
+        if job.timeout is not None:
+            job.deadline = now + job.timeout
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a job that could not be placed at once, on a private copy of its bytes."""
+        self.pending.append(job)
+
+    def frozen(self, payload: Parts) -> Parts | Frozen:
+        """What a job that must wait keeps: its own copy, unless its bytes cannot change."""
+        if not payload.mutable:
+            return payload
+        snapshot = freeze(payload, STAGE_BYTES)
+        # The copy made now: the sender's one write for a staged segment (sent as it is), an
+        # extra one for a small snapshot (written into the ring later).
+        with self.lock:
+            self.counts["copied_to_workers"] += payload.size
+        payload.release()
+        return snapshot
+
+    # ------------------------------------------------------------ workers, under lock
+
+    def retire(self, w: Worker, why: str, kill_at: float | None = None) -> None:
+        """``w`` takes no new jobs from now on; the dispatcher kills it at ``kill_at`` if it has
+        not exited by then."""
+        if w.state in (WorkerState.STARTING, WorkerState.READY):
+            move_worker(w, WorkerState.RETIRING)
+            w.retire_reason = why
+        if kill_at is not None and (w.kill_at is None or kill_at < w.kill_at):
+            w.kill_at = kill_at
+        self.wake()
+
+    def requeue(self, w: Worker, jobs: list[Job]) -> None:
+        """Jobs dead ``w`` never took: back to the front of the queue, in order, with the bytes
+        that were written for them (not the caller's objects, which may have changed since).
+        Call before ``w``'s rings are closed."""
+        ring = w.endpoint.outgoing
+        for job in reversed(jobs):
+            placement = job.placement
+            assert placement is not None
+            job.placement = None
+            if placement.oneoff is not None:
+                segment = placement.oneoff
+                assert segment.view is not None
+                region = segment.view[: placement.size]
+                job.payload = Frozen(region, oob_bytes_of(region), segment)
+            else:
+                region = memoryview(bytearray(ring.view(placement.start, placement.size)))
+                job.payload = Frozen(region, oob_bytes_of(region))
+            move_job(job, JobState.QUEUED)
+            job.head_since = 0.0
+            job.deadline = None
+            self.pending.appendleft(job)

@@ -1,0 +1,125 @@
+"""Jobs and workers as the pool sees them: their states, and every move between states.
+
+Everything here is guarded by the pool's one lock (``PoolCore.lock``). Which thread makes which
+move is written beside each state; ``move_job`` and ``move_worker`` are the only places a state
+changes, and they refuse a move the table does not allow.
+
+    job:     QUEUED --place--> PLACED --reply / failure / timeout--> DONE
+               ^  \\______________________________________________^  (cancelled, shut down,
+               |                                                      no worker can start)
+               +-- PLACED: its worker died before taking it: back to the queue, bytes intact
+
+    worker:  STARTING --READY--> READY --QUIT / RECYCLE / EOF / kill--> RETIRING
+                 \\__________________\\_____________________________________\\--exit--> EXITED --> GONE
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import subprocess
+from concurrent.futures import Future
+
+from .channel import Endpoint, Placement
+from .codec import Frozen, Parts
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"  # in the pool's queue (callers append; callers and dispatcher place)
+    PLACED = "placed"  # its header went to a worker; it sits in that worker's ``inflight``
+    DONE = "done"  # its future is resolved, or queued for resolving outside the lock
+
+
+_JOB_MOVES = {
+    JobState.QUEUED: {JobState.PLACED, JobState.DONE},
+    JobState.PLACED: {JobState.QUEUED, JobState.DONE},
+    JobState.DONE: set(),
+}
+
+
+class Job:
+    """One submitted call. ``payload`` is what can still be written for it: the caller's pickled
+    pieces (only until placed or frozen), a frozen copy, or None once it is in a worker's ring.
+    ``placement`` is where it went while PLACED."""
+
+    __slots__ = ("job_id", "future", "payload", "timeout", "deadline", "desc", "state", "placement", "head_since", "running")
+
+    def __init__(self, job_id: int, future: Future, payload: Parts | Frozen, timeout: float | None, desc: str) -> None:
+        self.job_id = job_id
+        self.future = future
+        self.payload: Parts | Frozen | None = payload
+        self.timeout = timeout
+        self.deadline: float | None = None
+        self.desc = desc
+        self.state = JobState.QUEUED
+        self.placement: Placement | None = None
+        self.head_since = 0.0
+        self.running = False  # its future is marked running: it can no longer be cancelled
+
+    def drop_payload(self) -> None:
+        """Let go of every byte this job holds (its future is resolved or its bytes are in a ring)."""
+        if self.payload is not None:
+            self.payload.release()
+            self.payload = None
+        if self.placement is not None and self.placement.oneoff is not None:
+            self.placement.oneoff.close()
+
+
+def move_job(job: Job, to: JobState) -> None:
+    if to not in _JOB_MOVES[job.state]:
+        raise AssertionError(f"job {job.job_id}: {job.state.name} -> {to.name} is not a move a job makes")
+    job.state = to
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # launched, INIT sent, no READY yet (dispatcher)
+    READY = "ready"  # takes jobs (callers and dispatcher place them)
+    RETIRING = "retiring"  # takes no new jobs: QUIT sent, RECYCLE, EOF, killed; waits for its exit (dispatcher)
+    EXITED = "exited"  # its process is gone; waiting briefly for its exit status (FORK) (dispatcher)
+    GONE = "gone"  # its jobs resolved or requeued, its rings closed, out of the table (dispatcher)
+
+
+_WORKER_MOVES = {
+    WorkerState.STARTING: {WorkerState.READY, WorkerState.RETIRING, WorkerState.EXITED},
+    WorkerState.READY: {WorkerState.RETIRING, WorkerState.EXITED},
+    WorkerState.RETIRING: {WorkerState.EXITED},
+    WorkerState.EXITED: {WorkerState.GONE},
+    WorkerState.GONE: set(),
+}
+
+
+class Worker:
+    """The parent's record of one worker process."""
+
+    __slots__ = (
+        "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
+        "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready",
+    )
+
+    def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
+        self.serial = serial
+        self.endpoint = endpoint
+        self.sem_names = sem_names
+        self.proc = proc  # SPAWN: our child; FORK: None (the helper's child)
+        self.pid: int | None = proc.pid if proc is not None else None
+        self.pidfd = -1  # SPAWN: opened at start; FORK: arrives with FORKED
+        self.state = WorkerState.STARTING
+        self.inflight: collections.deque[Job] = collections.deque()  # placed, in ring order
+        self.exitcode: int | None = None
+        self.status_known = False
+        self.socket_open = True
+        self.kill_at: float | None = None  # RETIRING: SIGKILL if it has not exited by then
+        self.status_by: float | None = None  # EXITED: give up waiting for the exit status then
+        self.retire_reason = ""  # why it takes no jobs: named in the error of a job it dies with
+        self.expected_exit = False  # we asked it to go (QUIT, RECYCLE, timeout, shutdown)
+        self.was_ready = False  # it got as far as READY (else its death is a failed start)
+
+    @property
+    def live(self) -> bool:
+        """Counts towards the pool's size: starting or ready."""
+        return self.state in (WorkerState.STARTING, WorkerState.READY)
+
+
+def move_worker(w: Worker, to: WorkerState) -> None:
+    if to not in _WORKER_MOVES[w.state]:
+        raise AssertionError(f"worker {w.serial}: {w.state.name} -> {to.name} is not a move a worker makes")
+    w.state = to
