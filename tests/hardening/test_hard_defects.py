@@ -79,3 +79,47 @@ def test_d1_big_args_never_wait_for_freed_space(make_pool, kind, job, pattern):
                 assert got == _sha1(a), f"round {i} job {j}"
             else:
                 assert isinstance(got, np.ndarray) and np.array_equal(got, a), f"round {i} job {j}"
+
+
+# --- defect 2: an exception in the caller while its payload is copied into the ring -----------------
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, MemoryError])
+def test_d2_interrupted_copy_into_the_ring_leaks_nothing(make_pool, kind, monkeypatch, exc_type):
+    """Defect 2. KeyboardInterrupt (or any exception) in the caller while submit() copies a big payload
+    into an idle worker's ring must not leave the reserved region unreleased: afterwards the same (only)
+    worker keeps taking big jobs, and every future returned resolves.
+
+    Deterministic: Parts.write_into is patched in this (the caller's) process to copy half the payload and
+    raise, once, in the main thread.  The interruption point is the caller's own thread, as it is for a
+    real Ctrl-C, so patching the copy here is faithful; workers (other processes) are unaffected."""
+    from shmpool import codec
+
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    first = pool.submit(jobs.getpid)
+    pid = result_within(first, JOB_DEADLINE, "the first job")
+    real_write_into = codec.Parts.write_into
+    main = threading.current_thread()
+    armed = [True]
+
+    def write_into_then_raise(self, dst):
+        if armed[0] and threading.current_thread() is main and self.size > 256 * KiB:
+            armed[0] = False
+            half = self.size // 2
+            dst[:half] = bytes(half)
+            raise exc_type("interrupted while copying the payload (test)")
+        return real_write_into(self, dst)
+
+    monkeypatch.setattr(codec.Parts, "write_into", write_into_then_raise)
+    with pytest.raises(exc_type):
+        pool.submit(jobs.bytes_digest, _array(600 * KiB, 99))
+    assert not armed[0], "the patched copy never ran in the caller's thread: the test did not interrupt anything"
+
+    futures = [first]
+    for i in range(10):
+        arr = _array(600 * KiB, i)
+        fut = pool.submit(jobs.bytes_digest, arr)
+        futures.append(fut)
+        assert result_within(fut, HANG_DEADLINE, f"big job {i} after the interrupted submit") == _sha1(arr), i
+    small = pool.submit(jobs.getpid)
+    futures.append(small)
+    assert result_within(small, HANG_DEADLINE, "a small job after the interrupted submit") == pid
+    assert_all_resolve(futures, HANG_DEADLINE)
