@@ -123,3 +123,80 @@ def test_d2_interrupted_copy_into_the_ring_leaks_nothing(make_pool, kind, monkey
     futures.append(small)
     assert result_within(small, HANG_DEADLINE, "a small job after the interrupted submit") == pid
     assert_all_resolve(futures, HANG_DEADLINE)
+
+
+# --- scripts run in a subprocess (resource limits, fork, stderr) -------------------------------------
+REPO = HERE.parent.parent
+SCRIPT_DEADLINE = 60.0  # a whole script: pool start(s), a few jobs, deadlines inside it, shutdown
+
+_PRELUDE = """
+import json, os, resource, signal, sys, time
+import concurrent.futures as cf
+import shmpool, jobs
+from shmpool import SubprocKind, SubprocPool
+
+def report(**kw):
+    print("RESULT " + json.dumps(kw), flush=True)
+
+def outcome(fut, deadline):
+    try:
+        return ["ok", repr(fut.result(timeout=deadline))]
+    except cf.TimeoutError:
+        if not fut.done():
+            return ["unresolved", "future did not resolve within %s s" % deadline]
+        e = fut.exception(timeout=0)
+        return ["error", type(e).__name__, str(e), [c.__name__ for c in type(e).__mro__]]
+    except BaseException as e:
+        return ["error", type(e).__name__, str(e), [c.__name__ for c in type(e).__mro__]]
+
+def run(pool, deadline, fn, *args):
+    try:
+        fut = pool.submit(fn, *args)
+    except BaseException as e:
+        return ["submit raised", type(e).__name__, str(e), [c.__name__ for c in type(e).__mro__]]
+    return outcome(fut, deadline)
+"""
+
+
+def run_script(body: str, timeout: float = SCRIPT_DEADLINE, **fmt) -> tuple[dict, str]:
+    """Run PRELUDE + body in a fresh interpreter (this worktree's shmpool, jobs importable); return the
+    dict it report()ed and its stderr.  Fails, with the output, if it does not finish within `timeout`."""
+    code = _PRELUDE + textwrap.dedent(body).format(**fmt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=str(REPO))
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"script did not finish within {timeout} s (hang)\nstdout: {e.stdout}\nstderr: {e.stderr}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"script reported nothing (rc {proc.returncode})\nstdout: {proc.stdout}\nstderr: {proc.stderr[-4000:]}"
+    return json.loads(lines[-1][len("RESULT "):]), proc.stderr
+
+
+# --- defect 3: the parent failing to map a large result kills the pool --------------------------------
+def test_d3_parent_cannot_map_a_result_fails_that_job_only(kind):
+    """Defect 3. The parent cannot map a 48 MiB result (RLIMIT_AS in the parent, set in a subprocess):
+    that job's future fails with SharedMemoryError (or an OSError subclass) with a message, instead of the
+    error escaping the dispatcher, killing the pool and leaving the future unresolved; once the limit is
+    restored the same pool runs the next jobs."""
+    out, err = run_script("""
+        pool = SubprocPool(1, kind=SubprocKind({kind!r}), ring_size=1 << 20)
+        pid = pool.submit(jobs.getpid).result(timeout=30)
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (16 << 20), hard))
+        try:
+            big = outcome(pool.submit(jobs.make_bytes, 48 << 20), 10)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        after = [run(pool, 10, jobs.add, i, 1) for i in range(3)]
+        report(big=big, after=after)
+        pool.shutdown()
+    """, kind=kind.value)
+    big = out["big"]
+    assert big[0] == "error", f"the unmappable result: {big}\nstderr: {err[-3000:]}"
+    _, name, msg, mro = big
+    assert name == "SharedMemoryError" or "OSError" in mro, big
+    assert msg.strip(), big
+    assert out["after"] == [["ok", repr(i + 1)] for i in range(3)], out["after"]
