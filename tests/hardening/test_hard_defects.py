@@ -227,3 +227,64 @@ def test_d4_invalid_reply_fails_that_job_only(shmpool_mod, make_pool, kind, how)
              "the worker that broke the protocol to be replaced")
     make_pool.note(pool)
     assert result_within(pool.submit(jobs.add, 2, 3), HANG_DEADLINE, "a job after the protocol error") == 5
+
+
+# --- defect 5: a death hidden by an inherited socket; a lingering EOF'd worker stalls everyone ---------
+PROMPT_DEATH = 5.0  # seconds: "seen promptly"; today it waits for the grandchild (60 s)
+
+
+def test_d5_death_seen_although_a_grandchild_holds_the_socket(shmpool_mod, make_pool, kind):
+    """Defect 5a. Job 1 forks a grandchild that sleeps 60 s holding the worker's socket (inherited); job 2
+    calls os._exit(1) on the same worker.  The death must be seen within a few seconds (not at the
+    grandchild's exit): job 2 fails with WorkerDiedError (exit code 1; FORK may report it as unknown),
+    and the next job runs on a replacement."""
+    sp = shmpool_mod
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    grandchild = result_within(pool.submit(jobs.fork_sleeper, 60), JOB_DEADLINE, "the job that forks")
+    try:
+        victim = result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "getpid")
+        t0 = time.monotonic()
+        dying = pool.submit(jobs.run_and_fail, "exit", None)
+        exc = exception_within(dying, PROMPT_DEATH, "the os._exit(1) job, with a grandchild holding the socket")
+        took = time.monotonic() - t0
+        assert type(exc) is sp.WorkerDiedError, error_text(exc) if exc else dying.result(timeout=0)
+        assert exc.pid == victim, str(exc)
+        if kind.value == "spawn":
+            assert exc.exitcode == 1, str(exc)
+        else:
+            assert exc.exitcode in (1, None), str(exc)
+        assert took < PROMPT_DEATH, took
+        nxt = result_within(pool.submit(jobs.getpid), HANG_DEADLINE, "the job after the death")
+        assert nxt != victim
+    finally:
+        try:
+            os.kill(grandchild, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_d5_lingering_eof_worker_stalls_nobody(shmpool_mod, make_pool, kind, tmp_path):
+    """Defect 5b. A worker closes its socket (the parent sees EOF) but lives on for 10 s: a job on the
+    other worker must still complete promptly (< 2 s); the lingering worker's job fails with
+    WorkerDiedError within the pool's own bound, and the pool gets back to two workers."""
+    sp = shmpool_mod
+    pool = make_pool(2, kind=kind, ring_size=RING)
+    assert len(warm(pool, 2)) == 2
+    make_pool.note(pool)
+    pidfile = tmp_path / "linger.pid"
+    lingering = pool.submit(jobs.shut_socket_and_linger, 10, str(pidfile))
+    from hardutil import read_pid
+
+    lingerer = read_pid(pidfile)
+    time.sleep(0.2)  # the EOF reaches the dispatcher
+    for i in range(3):
+        t0 = time.monotonic()
+        fut = pool.submit(jobs.add, i, 1)
+        assert result_within(fut, 2.0, f"job {i} on the other worker while one lingers after EOF") == i + 1
+        assert time.monotonic() - t0 < 2.0
+    exc = exception_within(lingering, HANG_DEADLINE, "the lingering worker's job")
+    assert type(exc) is sp.WorkerDiedError, error_text(exc) if exc else lingering.result(timeout=0)
+    assert exc.pid == lingerer, str(exc)
+    wait_for(lambda: len(pool.worker_pids()) == 2 and lingerer not in pool.worker_pids(), RECOVERY_DEADLINE,
+             "a replacement for the lingering worker")
+    make_pool.note(pool)
