@@ -288,3 +288,70 @@ def test_d5_lingering_eof_worker_stalls_nobody(shmpool_mod, make_pool, kind, tmp
     wait_for(lambda: len(pool.worker_pids()) == 2 and lingerer not in pool.worker_pids(), RECOVERY_DEADLINE,
              "a replacement for the lingering worker")
     make_pool.note(pool)
+
+
+# --- defect 6: mutating an argument after submit() returned changes what a queued job receives -------
+def _mutables(seed: int):
+    """(label, object, mutate) for a bytearray and a numpy array, small and large."""
+    out = []
+    for label, size in (("1KiB", KiB), ("4MiB", 4 * MiB)):
+        ba = bytearray(jobs.pattern(size, seed))
+        arr = _array(size, seed + 1)
+        out.append((f"bytearray-{label}", ba))
+        out.append((f"ndarray-{label}", arr))
+    return out
+
+
+def _scribble(obj) -> None:
+    if isinstance(obj, np.ndarray):
+        obj[:] = 0xEE
+    else:
+        obj[:] = b"\xee" * len(obj)
+
+
+def test_d6_mutation_after_submit_is_not_seen(make_pool, kind):
+    """Defect 6. One worker busy with a sleep job; jobs with a bytearray and a numpy array (1 KiB and
+    4 MiB) are queued; each argument is overwritten right after submit() returns.  Each job must see the
+    bytes as they were at submit time."""
+    pool = make_pool(1, kind=kind)  # default ring: 4 MiB travels in the ring
+    result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
+    busy = pool.submit(jobs.sleep_return, 0.5, "busy")
+    cases = []
+    for label, obj in _mutables(5):
+        want = _sha1(obj)
+        fut = pool.submit(jobs.bytes_digest, obj)
+        _scribble(obj)
+        cases.append((label, want, fut))
+    assert result_within(busy, JOB_DEADLINE, "the busy job") == "busy"
+    outcomes = assert_all_resolve([f for _, _, f in cases], HANG_DEADLINE, "queued job")
+    wrong = [label for (label, want, _), got in zip(cases, outcomes) if got != ("ok", want)]
+    assert not wrong, f"jobs that saw bytes changed after submit(): {wrong}"
+
+
+def test_d6_resent_job_sees_submit_time_bytes(make_pool, kind, tmp_path):
+    """Defect 6, the re-send path. Jobs stacked in a worker's ring behind a job that kills that worker
+    before they are taken are re-sent to a replacement: they must still see the submit-time bytes,
+    although the caller overwrote its objects after the first placement.
+
+    Stacking: after many short jobs the pool places up to four per worker when a backlog waits; the
+    killer waits for a file the test writes only once every job is submitted and scribbled over."""
+    pool = make_pool(1, kind=kind)
+    for _ in range(3):  # teach the pool that jobs are short, so it stacks them behind the killer
+        assert_all_resolve([pool.submit(jobs.add, i, 0) for i in range(40)], JOB_DEADLINE, "warm-up job")
+    go = tmp_path / "go"
+    killer = pool.submit(jobs.wait_for_file_then_die, str(go), 20)
+    # Four jobs: the first three are stacked into the ring behind the killer (copied there before the
+    # scribble), the fourth waits in the queue.  Only then is every argument overwritten.
+    objs = [obj for _, obj in _mutables(11)]
+    labels = [label for label, _ in _mutables(11)]
+    wants = [_sha1(obj) for obj in objs]
+    futs = [pool.submit(jobs.bytes_digest, obj) for obj in objs]
+    for obj in objs:
+        _scribble(obj)
+    go.write_text("go")
+    exc = exception_within(killer, JOB_DEADLINE, "the killer job")
+    assert exc is not None, killer.result(timeout=0)
+    outcomes = assert_all_resolve(futs, JOB_DEADLINE, "re-sent job")
+    wrong = [(label, got if got[0] != "ok" else "wrong digest")
+             for label, want, got in zip(labels, wants, outcomes) if got != ("ok", want)]
+    assert not wrong, f"jobs (re-sent after their worker died) that saw bytes changed after submit(): {wrong}"
