@@ -355,3 +355,22 @@ def test_d6_resent_job_sees_submit_time_bytes(make_pool, kind, tmp_path):
     wrong = [(label, got if got[0] != "ok" else "wrong digest")
              for label, want, got in zip(labels, wants, outcomes) if got != ("ok", want)]
     assert not wrong, f"jobs (re-sent after their worker died) that saw bytes changed after submit(): {wrong}"
+
+
+# --- defect 7: a job that keeps its in-place argument sees later jobs' data ---------------------------
+@pytest.mark.parametrize("nbytes", [64 * KiB, 600 * KiB])
+def test_d7_kept_argument_is_not_overwritten(make_pool, kind, nbytes):
+    """Defect 7. Job A stores its numpy argument (a view into the request slot, used in place) in a
+    module global and returns its digest; later jobs send different arrays of the same size, reusing the
+    slot; then a job returns the digest of the stored global: it must still equal A's."""
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
+    kept = _array(nbytes, 1)
+    first = result_within(pool.submit(jobs.keep_and_digest, kept), HANG_DEADLINE, "the job that keeps its argument")
+    assert first == _sha1(kept)
+    for i in range(2 * RING // nbytes + 2):  # enough to wrap the ring twice, wherever the slots fall
+        other = _array(nbytes, 100 + i)
+        got = result_within(pool.submit(jobs.bytes_digest, other), HANG_DEADLINE, f"later job {i}")
+        assert got == _sha1(other), i
+    later = result_within(pool.submit(jobs.kept_digest), HANG_DEADLINE, "the job reading the kept global")
+    assert later == first, "the argument a job kept was overwritten by later jobs' data (its ring slot was reused)"
