@@ -374,3 +374,66 @@ def test_d7_kept_argument_is_not_overwritten(make_pool, kind, nbytes):
         assert got == _sha1(other), i
     later = result_within(pool.submit(jobs.kept_digest), HANG_DEADLINE, "the job reading the kept global")
     assert later == first, "the argument a job kept was overwritten by later jobs' data (its ring slot was reused)"
+
+
+# --- defect 8: a pool used from a forked child of the caller -------------------------------------------
+_CHILD_REFUSED, _CHILD_OWN_RESULT, _CHILD_WRONG_RESULT, _CHILD_OTHER_ERROR, _CHILD_UNRESOLVED = 10, 11, 12, 13, 14
+_CHILD_CODES = {10: "submit raised RuntimeError mentioning fork", 11: "its job ran and returned its own result",
+                12: "its job returned someone else's result", 13: "submit raised something else",
+                14: "its future never resolved"}
+
+
+def _wait_child(pid: int, timeout: float) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} did not exit within {timeout} s (hang); killed it")
+
+
+def test_d8_forked_child_does_not_cross_the_parents_results(make_pool, kind):
+    """Defect 8. The test forks; the child submits to the inherited pool while the parent submits too.
+    The child's submit must raise a RuntimeError mentioning fork (or run on a pool of its own and get its
+    own result); every one of the parent's futures must get its own result.  Three rounds."""
+    pool = make_pool(2, kind=kind, ring_size=RING)
+    assert len(warm(pool, 2)) == 2
+    make_pool.note(pool)
+    for rnd in range(3):
+        # Round 0 forks with idle workers (the child would place its job straight into a worker's ring);
+        # later rounds with jobs in flight, so the child inherits a pool with work (and job ids) under way.
+        nbefore = 6 if rnd else 0
+        before = [pool.submit(jobs.sleep_return, 0.05, 100 * rnd + 50 + i) for i in range(nbefore)]
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+            code = _CHILD_OTHER_ERROR
+            try:
+                signal.alarm(10)  # a child stuck on a lock copied mid-use dies of SIGALRM: reported as a hang
+                try:
+                    fut = pool.submit(jobs.add, 10_000 + rnd, 0)
+                except RuntimeError as e:
+                    code = _CHILD_REFUSED if "fork" in str(e).lower() else _CHILD_OTHER_ERROR
+                else:
+                    try:
+                        value = fut.result(timeout=5)
+                        code = _CHILD_OWN_RESULT if value == 10_000 + rnd else _CHILD_WRONG_RESULT
+                    except cf.TimeoutError:
+                        code = _CHILD_UNRESOLVED
+            except BaseException:
+                code = _CHILD_OTHER_ERROR
+            finally:
+                os._exit(code)
+        futs = [pool.submit(jobs.add, 100 * rnd + i, 0) for i in range(20)]
+        outcomes = assert_all_resolve(futs + before, HANG_DEADLINE, "parent's job")
+        child = _wait_child(pid, 20)
+        problems = []
+        if child not in (_CHILD_REFUSED, _CHILD_OWN_RESULT):
+            problems.append(f"child exit {child}: {_CHILD_CODES.get(child, 'killed by a signal (SIGALRM: hang)')}")
+        expected = [100 * rnd + i for i in range(20)] + [100 * rnd + 50 + i for i in range(nbefore)]
+        wrong = [(want, got) for want, got in zip(expected, outcomes) if got != ("ok", want)]
+        if wrong:
+            problems.append(f"the parent's futures that did not get their own result: {wrong}")
+        assert not problems, f"round {rnd}: " + "; ".join(problems)
