@@ -437,3 +437,111 @@ def test_d8_forked_child_does_not_cross_the_parents_results(make_pool, kind):
         if wrong:
             problems.append(f"the parent's futures that did not get their own result: {wrong}")
         assert not problems, f"round {rnd}: " + "; ".join(problems)
+
+
+# --- defect 9: a failed mmap closes the memfd twice ----------------------------------------------------
+class _OsWithCloseSpy:
+    """Stands in for the `os` module inside shmpool.shm only: counts close(fd) calls, and right after
+    the first real close of the watched fd opens /dev/null, which takes that (lowest free) fd number,
+    as another thread's open() would in a threaded program.  A second close then hits that file."""
+
+    def __init__(self, watched: int) -> None:
+        self.watched = watched
+        self.closes = 0
+        self.victim: int | None = None
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def close(self, fd: int) -> None:
+        if fd == self.watched:
+            self.closes += 1
+        os.close(fd)
+        if fd == self.watched and self.victim is None:
+            self.victim = os.open(os.devnull, os.O_RDONLY)
+
+
+class _FailingMmap:
+    """Stands in for the `mmap` module inside shmpool.shm: every mapping fails with ENOMEM, as under a
+    low RLIMIT_AS."""
+
+    MAP_SHARED = __import__("mmap").MAP_SHARED
+    MAP_POPULATE = getattr(__import__("mmap"), "MAP_POPULATE", 0)
+    PAGESIZE = __import__("mmap").PAGESIZE
+
+    @staticmethod
+    def mmap(*args, **kwargs):
+        import errno
+
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+
+
+@pytest.mark.parametrize("how", ["attach", "create"])
+def test_d9_failed_mmap_closes_the_fd_exactly_once(shmpool_mod, monkeypatch, how):
+    """Defect 9 (unit). When mmap fails, Segment.attach(fd) / Segment.create(size) must close the memfd
+    exactly once: today Segment.__init__ closes it, then attach/create close it again, which in a
+    threaded program closes whatever file another thread opened meanwhile under that number.  Patched
+    only inside shmpool.shm (its `os` and `mmap` globals), so nothing else in this process is affected.
+    create must raise SharedMemoryError (it names the size); attach an OSError or SharedMemoryError."""
+    from shmpool import shm
+
+    created: list[int] = []
+    real_memfd_create = os.memfd_create
+
+    if how == "attach":
+        fd = os.memfd_create("d9-test", os.MFD_CLOEXEC)
+        os.ftruncate(fd, 1 << 16)
+        spy = _OsWithCloseSpy(fd)
+    else:
+        spy = _OsWithCloseSpy(-1)
+
+        def memfd_create(name, flags=0):
+            fd = real_memfd_create(name, flags)
+            created.append(fd)
+            spy.watched = fd
+            return fd
+
+        spy.memfd_create = memfd_create  # type: ignore[attr-defined]
+    monkeypatch.setattr(shm, "os", spy)
+    monkeypatch.setattr(shm, "mmap", _FailingMmap)
+    try:
+        with pytest.raises(BaseException) as info:
+            if how == "attach":
+                shm.Segment.attach(fd)
+            else:
+                shm.Segment.create(1 << 16)
+    finally:
+        monkeypatch.undo()
+        victim_alive = True
+        if spy.victim is not None:
+            try:
+                os.fstat(spy.victim)
+            except OSError:
+                victim_alive = False
+            else:
+                os.close(spy.victim)
+    exc = info.value
+    assert spy.closes == 1, f"{how}: the memfd was closed {spy.closes} times ({type(exc).__name__}: {exc})"
+    assert victim_alive, f"{how}: a file opened after the first close (fd {spy.victim}) was closed by the second"
+    if how == "create":
+        assert type(exc) is shmpool_mod.SharedMemoryError, f"{type(exc).__name__}: {exc}"
+    else:
+        assert isinstance(exc, (OSError, shmpool_mod.SharedMemoryError)), f"{type(exc).__name__}: {exc}"
+        assert not isinstance(exc, OSError) or exc.errno != 9, f"EBADF from the double close: {exc}"
+
+
+def test_d9_worker_that_cannot_map_an_argument_fails_that_job_only(shmpool_mod, make_pool, kind):
+    """Defect 9 (pool). A worker under RLIMIT_AS (its initializer caps it at its size + 32 MiB) gets a
+    64 MiB argument (a one-off segment it cannot map): that job alone fails with exactly SharedMemoryError,
+    and the same worker (same pid) serves the next job.  Today the mmap error (or the EBADF of the double
+    close) escapes the worker loop and the worker exits: WorkerDiedError."""
+    sp = shmpool_mod
+    pool = make_pool(1, kind=kind, ring_size=RING, initializer=jobs.limit_address_space, initargs=(32 * MiB,))
+    pid = result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
+    fut = pool.submit(jobs.len_and_sleep, bytes(64 * MiB), 0)
+    exc = exception_within(fut, HANG_DEADLINE, "the job with an unmappable argument")
+    assert exc is not None, f"the 64 MiB argument was mapped after all: {fut.result(timeout=0)!r}"
+    assert type(exc) is sp.SharedMemoryError, error_text(exc)
+    assert str(exc).strip()
+    assert result_within(pool.submit(jobs.getpid), HANG_DEADLINE, "the next job") == pid, \
+        "the worker that could not map an argument was replaced"
