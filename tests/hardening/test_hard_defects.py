@@ -158,14 +158,16 @@ def run(pool, deadline, fn, *args):
 """
 
 
-def run_script(body: str, timeout: float = SCRIPT_DEADLINE, **fmt) -> tuple[dict, str]:
+def run_script(body: str, timeout: float = SCRIPT_DEADLINE, user: int | None = None, **fmt) -> tuple[dict, str]:
     """Run PRELUDE + body in a fresh interpreter (this worktree's shmpool, jobs importable); return the
-    dict it report()ed and its stderr.  Fails, with the output, if it does not finish within `timeout`."""
+    dict it report()ed and its stderr.  Fails, with the output, if it does not finish within `timeout`.
+    `user`: run it as that uid (and gid), with no supplementary groups."""
+    ids = {} if user is None else {"user": user, "group": user, "extra_groups": []}
     code = _PRELUDE + textwrap.dedent(body).format(**fmt)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=str(REPO))
+                              cwd=str(REPO), **ids)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"script did not finish within {timeout} s (hang)\nstdout: {e.stdout}\nstderr: {e.stderr}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -545,3 +547,117 @@ def test_d9_worker_that_cannot_map_an_argument_fails_that_job_only(shmpool_mod, 
     assert str(exc).strip()
     assert result_within(pool.submit(jobs.getpid), HANG_DEADLINE, "the next job") == pid, \
         "the worker that could not map an argument was replaced"
+
+
+# --- defect 10: a stale semaphore of another user breaks SubprocPool() for everyone ------------------
+NOBODY = 65534
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait(timeout=10)
+    assert not pid_alive(proc.pid)
+    return proc.pid
+
+
+def _stale_semaphore(owner: int) -> str:
+    """A stale-looking `sem.shmp.<dead pid>.<hex>` in /dev/shm owned by uid `owner`; returns its path."""
+    import posix_ipc
+
+    name = f"/shmp.{_dead_pid()}.{os.urandom(8).hex()}"
+    posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0).close()
+    path = "/dev/shm/sem." + name[1:]
+    os.chown(path, owner, owner)
+    return path
+
+
+@pytest.fixture
+def stale_entries():
+    paths: list[str] = []
+    yield paths
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _as_nobody(probe, timeout: float = SCRIPT_DEADLINE) -> dict:
+    """Fork; in the child drop to uid/gid 65534 and run probe() -> dict; return that dict.  (A fork, not
+    a script: this machine's python lives under /root, which 65534 cannot exec.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        code = 0
+        try:
+            os.close(r)
+            signal.alarm(int(timeout))
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = probe()
+            out["uid"] = os.getuid()
+        except BaseException as e:
+            out = {"child_error": f"{type(e).__name__}: {e}"}
+            code = 1
+        os.write(w, json.dumps(out).encode())
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    _wait_child(pid, timeout)
+    return json.loads(b"".join(chunks) or b'{"child_error": "no report (killed?)"}')
+
+
+def test_d10_stale_entry_of_another_user_does_not_break_pool_start(shmpool_mod, kind, stale_entries):
+    """Defect 10. A stale root-owned `sem.shmp.<dead pid>.*` in /dev/shm (sticky): uid 65534 cannot remove
+    it, and SubprocPool() must not raise PermissionError for that.  As 65534 a pool constructs (and runs a
+    job, where 65534 may exec this python: not on this machine, whose python is under /root), the
+    root-owned entry is left alone, and 65534's own stale entry is swept."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create another user's entry and switch uid")
+    roots = _stale_semaphore(0)
+    mine = _stale_semaphore(NOBODY)
+    stale_entries.extend([roots, mine])
+
+    def probe():
+        try:
+            pool = shmpool_mod.SubprocPool(1, kind=kind, ring_size=RING)
+        except BaseException as e:
+            return {"constructed": f"{type(e).__name__}: {e}"}
+        try:
+            job = "not run: 65534 cannot exec " + sys.executable
+            if os.access(sys.executable, os.X_OK):
+                try:
+                    job = repr(pool.submit(jobs.add, 2, 3).result(timeout=20))
+                except BaseException as e:
+                    job = f"{type(e).__name__}: {e}"
+        finally:
+            pool.shutdown()
+        return {"constructed": "ok", "job": job}
+
+    out = _as_nobody(probe)
+    assert out.get("uid") == NOBODY, out
+    assert out["constructed"] == "ok", f"SubprocPool() as uid {NOBODY}: {out['constructed']}"
+    assert out["job"] in ("5",) or out["job"].startswith("not run"), out
+    assert os.path.exists(roots), "the sweep removed another user's (root's) entry"
+    assert not os.path.exists(mine), "the sweep left this user's own stale entry"
+
+
+def test_d10_sweep_touches_only_its_own_users_entries(make_pool, kind, stale_entries):
+    """Defect 10. Even root, which could, must not sweep another user's stale entry: the sweep only
+    touches its own uid's names."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create another user's entry")
+    theirs = _stale_semaphore(NOBODY)
+    mine = _stale_semaphore(os.geteuid())
+    stale_entries.extend([theirs, mine])
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    assert result_within(pool.submit(jobs.add, 1, 1), JOB_DEADLINE, "a job") == 2
+    assert os.path.exists(theirs), "root's sweep removed uid 65534's entry"
+    assert not os.path.exists(mine), "the sweep left its own stale entry"
