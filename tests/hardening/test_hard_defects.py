@@ -661,3 +661,53 @@ def test_d10_sweep_touches_only_its_own_users_entries(make_pool, kind, stale_ent
     assert result_within(pool.submit(jobs.add, 1, 1), JOB_DEADLINE, "a job") == 2
     assert os.path.exists(theirs), "root's sweep removed uid 65534's entry"
     assert not os.path.exists(mine), "the sweep left its own stale entry"
+
+
+# --- defect 11: some workers cannot start, others are live: queued jobs must run on the live ones ------
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_d11_jobs_run_on_the_live_worker_when_others_cannot_start(make_pool, kind, tmp_path, how):
+    """Defect 11. An initializer that lets only the first worker start (later starts raise, or
+    os._exit(3)); a pool of 3; 40 jobs: all must complete on the one live worker, none fail with
+    WorkerStartError (today the queue is failed once 3 starts have failed)."""
+    counter = tmp_path / "starts"
+    pool = make_pool(3, kind=kind, ring_size=RING, initializer=jobs.fail_after_first_start,
+                     initargs=(str(counter), how))
+    futs = [pool.submit(jobs.sleep_return_pid, 0.05) for _ in range(40)]
+    outcomes = assert_all_resolve(futs, 30.0, "job")
+    failed = [(i, error_text(v).splitlines()[0]) for i, (k, v) in enumerate(outcomes) if k != "ok"]
+    assert not failed, f"{len(failed)} of 40 jobs failed although one worker was live: {failed[:3]}"
+    assert len({v for _, v in outcomes}) == 1, "more than one worker ran jobs: the initializer let only one start"
+    make_pool.note(pool)
+
+
+def test_d11_parent_out_of_fds_runs_on_live_worker_and_names_the_cause(kind):
+    """Defect 11, RLIMIT_NOFILE variant (in a subprocess).  A 3-worker pool is warm; then the parent's fd
+    limit is cut to 3 (no new fd at all: every worker start fails with EMFILE, while the live workers keep
+    working through the fds they have) and two workers are SIGKILLed.  40 jobs must all run on the one live
+    worker.  Then the last worker is killed: now no worker can run the queue, so a job fails, with
+    WorkerStartError naming "Too many open files" (not "initializer failed")."""
+    out, err = run_script("""
+        import hardutil
+        pool = SubprocPool(3, kind=SubprocKind({kind!r}), ring_size=1 << 20)
+        pids = sorted(hardutil.warm(pool, 3))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))
+        try:
+            for pid in pids[1:]:
+                os.kill(pid, signal.SIGKILL)
+            futs = [pool.submit(jobs.sleep_return_pid, 0.05) for _ in range(40)]
+            some = [outcome(f, 30) for f in futs]
+            for pid in pids[:1]:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            none = run(pool, 30, jobs.getpid)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        report(live=pids[0], some=some, none=none)
+        pool.shutdown()
+    """, kind=kind.value)
+    bad = [o for o in out["some"] if o != ["ok", repr(out["live"])]]
+    assert not bad, f"{len(bad)} of 40 jobs did not run on the live worker: {bad[:3]}\\n{err[-2000:]}"
+    none = out["none"]
+    assert none[0] == "error" and none[1] == "WorkerStartError", none
+    assert "Too many open files" in none[2] and "initializer failed" not in none[2].lower(), none[2]
