@@ -711,3 +711,22 @@ def test_d11_parent_out_of_fds_runs_on_live_worker_and_names_the_cause(kind):
     none = out["none"]
     assert none[0] == "error" and none[1] == "WorkerStartError", none
     assert "Too many open files" in none[2] and "initializer failed" not in none[2].lower(), none[2]
+
+
+# --- defect 12: shutting a FORK pool down right after its first submit prints a traceback ------------
+def test_d12_immediate_shutdown_prints_no_traceback():
+    """Defect 12. A FORK pool shut down within 0.1 s of its first submit (the helper is still forking and
+    reporting): nothing may print a traceback (today the helper dies of BrokenPipeError sending FORKED or
+    REAPED to a parent that closed its end).  10 times in one script; its stderr must hold no "Traceback"."""
+    out, err = run_script("""
+        for i in range(10):
+            pool = SubprocPool(2, kind=SubprocKind.FORK, ring_size=1 << 20)
+            fut = pool.submit(jobs.add, i, 1)
+            time.sleep(0.01 * (i % 5))  # 0 to 40 ms: always within 0.1 s of the first submit
+            pool.shutdown()
+            assert fut.done()
+        time.sleep(0.5)  # let helpers and workers of the last pools finish dying (and printing)
+        report(done=True)
+    """)
+    assert out == {"done": True}
+    assert "Traceback" not in err, err[-4000:]
