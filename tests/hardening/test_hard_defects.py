@@ -158,16 +158,14 @@ def run(pool, deadline, fn, *args):
 """
 
 
-def run_script(body: str, timeout: float = SCRIPT_DEADLINE, user: int | None = None, **fmt) -> tuple[dict, str]:
+def run_script(body: str, timeout: float = SCRIPT_DEADLINE, **fmt) -> tuple[dict, str]:
     """Run PRELUDE + body in a fresh interpreter (this worktree's shmpool, jobs importable); return the
-    dict it report()ed and its stderr.  Fails, with the output, if it does not finish within `timeout`.
-    `user`: run it as that uid (and gid), with no supplementary groups."""
-    ids = {} if user is None else {"user": user, "group": user, "extra_groups": []}
+    dict it report()ed and its stderr.  Fails, with the output, if it does not finish within `timeout`."""
     code = _PRELUDE + textwrap.dedent(body).format(**fmt)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(HERE), os.environ.get("PYTHONPATH", "")]))
     try:
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=str(REPO), **ids)
+                              cwd=str(REPO))
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"script did not finish within {timeout} s (hang)\nstdout: {e.stdout}\nstderr: {e.stderr}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
