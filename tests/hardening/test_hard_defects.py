@@ -203,24 +203,36 @@ def test_d3_parent_cannot_map_a_result_fails_that_job_only(kind):
 
 
 # --- defect 4: a worker sends an invalid reply header ---------------------------------------------------
-BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe"]
+BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe", "ready_decoy"]
 
 
 @pytest.mark.parametrize("how", BAD_REPLIES)
 def test_d4_invalid_reply_fails_that_job_only(shmpool_mod, make_pool, kind, how):
     """Defect 4. A job writes a malformed reply on its worker's own socket (see jobs.send_bad_reply for
-    the table): the job it held fails with a BrokenProcessPool naming a protocol error, the worker is
-    replaced, and an unrelated job queued behind it on the same (only) worker is not failed but completes;
-    the pool goes on."""
+    the table): the job it held fails with a BrokenProcessPool naming a protocol error and the real
+    worker's pid, the worker is replaced, and an unrelated job queued behind it on the same (only) worker
+    is not failed but completes; the pool goes on.  "ready_decoy": a READY from a worker that is already
+    ready is a protocol error too, and the pid it claims (a `sleep` of ours) must never be signalled."""
     sp = shmpool_mod
     pool = make_pool(1, kind=kind, ring_size=RING)
     victim = result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
-    bad = pool.submit(jobs.send_bad_reply, how, 0.2)
+    decoy = subprocess.Popen(["sleep", "60"])
+    try:
+        _check_bad_reply(sp, pool, make_pool, how, victim, decoy.pid)
+        assert decoy.poll() is None, f"the pool signalled pid {decoy.pid}, which a worker only claimed was its own"
+    finally:
+        decoy.kill()
+        decoy.wait(timeout=10)
+
+
+def _check_bad_reply(sp, pool, make_pool, how, victim, decoy_pid):
+    bad = pool.submit(jobs.send_bad_reply, how, 0.2, "after-garbage", decoy_pid)
     queued = [pool.submit(jobs.add, i, 1000) for i in range(3)]
     exc = exception_within(bad, HANG_DEADLINE, f"the job that sent a {how!r} reply")
     assert exc is not None, f"the job that sent a {how!r} reply succeeded: {bad.result(timeout=0)!r}"
     assert isinstance(exc, sp.WorkerDiedError) or isinstance(exc, cf.process.BrokenProcessPool), error_text(exc)
     assert "protocol" in str(exc).lower(), error_text(exc)
+    assert getattr(exc, "pid", victim) == victim, f"the error names pid {exc.pid}, the worker was {victim}"
     outcomes = assert_all_resolve(queued, HANG_DEADLINE, "queued job")
     assert outcomes == [("ok", i + 1000) for i in range(3)], outcomes
     wait_for(lambda: pool.worker_pids() and victim not in pool.worker_pids(), RECOVERY_DEADLINE,
