@@ -5,15 +5,28 @@ assert_all_resolve), so a hang fails as "future ... did not resolve within N s",
 pytest-timeout backstop.  Pool tests run under both start kinds (the `kind` fixture).
 
 Expectations chosen here (the fix should match them):
-* a job whose result the parent cannot map (defect 3) fails with shmpool.SharedMemoryError (or an
-  OSError subclass) carrying a non-empty message; the pool goes on;
-* a protocol error from a worker (defect 4) fails the job it held with a BrokenProcessPool subclass
-  (WorkerDiedError) whose message contains "protocol"; other jobs are not failed;
-* a forked child's submit (defect 8) raises RuntimeError mentioning "fork", or runs on a pool of its own;
-* a worker that cannot map a job's argument (defect 9) fails that job with exactly SharedMemoryError and
-  lives on;
-* when some workers cannot start (defect 11) queued jobs run on the live ones; when none can,
-  WorkerStartError names the cause ("Too many open files"), not the initializer.
+* defect 2: after an exception inside the caller's copy into the ring, the interrupted submit raises
+  it; nothing is said about that job; every future returned before or after resolves, and the worker
+  keeps taking big jobs;
+* defect 3: a job whose result the parent cannot map fails with shmpool.SharedMemoryError (or any
+  OSError subclass) with a non-empty message; the same pool runs later jobs;
+* defect 4: a protocol error fails the job the worker held with a BrokenProcessPool (WorkerDiedError)
+  whose message contains "protocol" and whose `pid` (if it has one) is the real worker's; jobs queued
+  behind it complete; a READY from a worker that is already ready is a protocol error, and the pid it
+  claims is never signalled;
+* defect 5: a worker's death is seen within 5 s even while a grandchild holds its socket
+  (WorkerDiedError, `exitcode == 1` for SPAWN, 1 or None for FORK); a worker that shuts its socket but
+  lingers fails its job with WorkerDiedError(pid=that worker) within 10 s and stalls nobody (< 2 s);
+* defect 8: a forked child's submit raises RuntimeError mentioning "fork", or runs on a pool of its own
+  and gets its own result; the parent's futures always get theirs;
+* defect 9: Segment.create/attach close a memfd exactly once when mmap fails; create raises
+  SharedMemoryError (attach: SharedMemoryError or an OSError that is not EBADF); a worker that cannot map
+  an argument fails that job with exactly SharedMemoryError and keeps its pid;
+* defect 10: the sweep skips entries it may not remove and touches only its own uid's entries (even as
+  root), but still removes its own uid's stale ones;
+* defect 11: when some workers cannot start, queued jobs run on the live ones; when none can, the queue
+  fails with WorkerStartError naming the cause ("Too many open files") and not "initializer failed";
+* defect 12: nothing of shmpool prints "Traceback" to stderr when a FORK pool is shut down at once.
 """
 from __future__ import annotations
 
