@@ -502,6 +502,7 @@ def test_d8_forked_child_does_not_cross_the_parents_results(make_pool, kind):
         if pid == 0:  # the child: no pytest machinery from here on, only os._exit
             code = _CHILD_OTHER_ERROR
             try:
+                signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler, inherited
                 signal.alarm(10)  # a child stuck on a lock copied mid-use dies of SIGALRM: reported as a hang
                 try:
                     fut = pool.submit(jobs.add, 10_000 + rnd, 0)
@@ -680,6 +681,7 @@ def _as_nobody(probe, timeout: float = SCRIPT_DEADLINE) -> dict:
         code = 0
         try:
             os.close(r)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler, inherited
             signal.alarm(int(timeout))
             os.setgroups([])
             os.setgid(NOBODY)
