@@ -10,6 +10,7 @@ Every wait in these tests has a deadline: the named constants below, each with i
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import os
 import re
 import sys
@@ -136,3 +137,53 @@ def call_with_deadline(fn, timeout: float, what: str):
     if "error" in box:
         raise box["error"]
     return box.get("value")
+
+
+def assert_all_resolve(futures, deadline_s: float, what: str = "future") -> list[tuple[str, object]]:
+    """Wait at most `deadline_s` seconds in all for every future; return one outcome per future, in order:
+    ("ok", result), ("error", exception) or ("cancelled", None).  Fails listing the ones still unresolved,
+    so a hang reads "N of M futures did not resolve within D s", not as the pytest-timeout backstop.
+
+    A future cancel()led while queued counts as resolved: concurrent.futures.wait() would not wake for it
+    until the pool calls set_running_or_notify_cancel(), hence the short wait steps."""
+    futures = list(futures)
+    end = time.monotonic() + deadline_s
+    while True:
+        waiting = [f for f in futures if not f.done()]
+        left = end - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        cf.wait(waiting, timeout=min(left, 0.25))
+    unresolved = [i for i, f in enumerate(futures) if not f.done()]
+    if unresolved:
+        raise AssertionError(
+            f"{len(unresolved)} of {len(futures)} {what}s did not resolve within {deadline_s:.1f} s "
+            f"(indices {unresolved[:20]}{' ...' if len(unresolved) > 20 else ''})"
+        )
+    outcomes: list[tuple[str, object]] = []
+    for f in futures:
+        if f.cancelled():
+            outcomes.append(("cancelled", None))
+        elif f.exception(timeout=0) is not None:
+            outcomes.append(("error", f.exception(timeout=0)))
+        else:
+            outcomes.append(("ok", f.result(timeout=0)))
+    return outcomes
+
+
+def result_within(future, deadline_s: float, what: str = "the job"):
+    """`future.result()` bounded by `deadline_s`; a hang fails as "... did not resolve within N s"."""
+    try:
+        return future.result(timeout=deadline_s)
+    except cf.TimeoutError:
+        if future.done():
+            raise  # the job itself failed with a TimeoutError subclass (JobTimeoutError)
+        raise AssertionError(f"future of {what} did not resolve within {deadline_s:.1f} s (hang)") from None
+
+
+def exception_within(future, deadline_s: float, what: str = "the job"):
+    """`future.exception()` bounded by `deadline_s`: the exception, or None if it succeeded."""
+    try:
+        return future.exception(timeout=deadline_s)
+    except cf.TimeoutError:
+        raise AssertionError(f"future of {what} did not resolve within {deadline_s:.1f} s (hang)") from None

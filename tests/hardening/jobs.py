@@ -270,3 +270,205 @@ def limit_file_size(nbytes):
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the errno, not the signal
     resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.RLIM_INFINITY))
+
+
+# --- issue 9 regression jobs (tests/hardening/test_hard_defects.py, test_hard_torture.py) ---------------
+def bytes_digest(data) -> str:
+    """sha1 of any contiguous buffer (bytes, bytearray, memoryview, C-contiguous numpy array)."""
+    return hashlib.sha1(memoryview(data).cast("B")).hexdigest()
+
+
+def digest_and_len(data):
+    return bytes_digest(data), len(memoryview(data).cast("B"))
+
+
+def sleep_then_digest(seconds, data):
+    time.sleep(seconds)
+    return bytes_digest(data)
+
+
+_kept = None
+
+
+def keep_and_digest(arr):
+    """Keep a reference to the (in-place) array argument past the job's end; return its digest now."""
+    global _kept
+    _kept = arr
+    return bytes_digest(arr)
+
+
+def kept_digest():
+    return bytes_digest(_kept)
+
+
+def wait_for_file_then_die(path, seconds):
+    """Block until `path` exists (bounded by `seconds`), then SIGKILL this worker."""
+    end = time.monotonic() + seconds
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_socket_fd() -> int:
+    """The worker's one SOCK_SEQPACKET socket (its link to the parent), found via /proc/self/fd."""
+    import socket
+    import stat
+
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_SEQPACKET:
+                found.append(fd)
+        finally:
+            s.close()
+    if len(found) != 1:
+        raise AssertionError(f"expected one SEQPACKET socket in the worker, found fds {found}")
+    return found[0]
+
+
+def _current_job_id() -> int:
+    """The id of the job this worker is running, read off the header in shmpool's worker frame.
+    Test-only introspection of shmpool.worker.Worker._run_job's locals (checked against issue 9's code)."""
+    import sys
+
+    frame = sys._getframe()
+    while frame is not None:
+        header = frame.f_locals.get("header")
+        if header is not None and hasattr(header, "job_id") and frame.f_code.co_name == "_run_job":
+            return header.job_id
+        frame = frame.f_back
+    raise AssertionError("no shmpool _run_job frame on the stack")
+
+
+def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0):
+    """Send the parent one malformed reply on this worker's own socket (defect 4), then return normally.
+
+    how: "short"      11 bytes of garbage (not a header)
+         "long"       64 bytes (a header plus junk: truncated on receipt)
+         "bad_magic"  32 bytes with the wrong magic
+         "wrong_job"  a valid RESULT header for a job id nobody sent
+         "bad_region" a valid RESULT header for this job naming a region outside the ring
+         "oneoff_pipe" a valid one-off RESULT header for this job carrying a pipe fd (cannot be mapped)
+         "ready_decoy" a second READY, claiming the worker's pid is `decoy_pid` (a process the test owns)
+    """
+    import socket
+
+    from shmpool import wire
+
+    sock = socket.socket(fileno=os.dup(worker_socket_fd()))
+    try:
+        if how == "short":
+            sock.send(b"garbage....")
+        elif how == "long":
+            sock.send(b"G" * 64)
+        elif how == "bad_magic":
+            sock.send(b"JUNK" + wire.encode(wire.MsgKind.RESULT, 1, 0, 8)[4:])
+        elif how == "wrong_job":
+            sock.send(wire.encode(wire.MsgKind.RESULT, 2**40 + 7, 0, 64))
+        elif how == "bad_region":
+            sock.send(wire.encode(wire.MsgKind.RESULT, _current_job_id(), 2**50, 1 << 40))
+        elif how == "ready_decoy":
+            assert decoy_pid > 0
+            sock.send(wire.encode(wire.MsgKind.READY, 0, decoy_pid))
+        elif how == "oneoff_pipe":
+            r, w = os.pipe()
+            try:
+                header = wire.encode(wire.MsgKind.RESULT, _current_job_id(), 0, 64, wire.Flag.ONEOFF)
+                socket.send_fds(sock, [header], [r])
+            finally:
+                os.close(r)
+                os.close(w)
+        else:
+            raise AssertionError(how)
+    finally:
+        sock.close()
+    time.sleep(then_sleep)
+    return value
+
+
+def fork_sleeper(seconds):
+    """Fork a grandchild that inherits every fd of the worker (its socket included) and sleeps."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            time.sleep(seconds)
+        finally:
+            os._exit(0)
+    return pid
+
+
+def shut_socket_and_linger(seconds, pidfile=None):
+    """Close this worker's link (the parent sees EOF) but keep the process alive for `seconds`."""
+    import socket
+
+    note_pid(pidfile)
+    sock = socket.socket(fileno=os.dup(worker_socket_fd()))
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    time.sleep(seconds)
+    return "lingered"
+
+
+def limit_address_space(headroom):
+    """Initializer: cap this worker's address space at its current size plus `headroom` bytes."""
+    import resource
+
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, resource.RLIM_INFINITY))
+
+
+def fail_after_first_start(counter_path, how):
+    """Initializer: the first worker start (by a counter file under an fcntl lock) succeeds, every
+    later one fails: "raise" raises JobBoom, "exit" calls os._exit(3)."""
+    import fcntl
+
+    with open(counter_path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read() or 0)
+        f.seek(0)
+        f.truncate()
+        f.write(str(n + 1))
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_UN)
+    if n == 0:
+        return
+    if how == "exit":
+        os._exit(3)
+    raise JobBoom(f"start {n + 1} refused by the test initializer")
+
+
+def torture_job(index, data, data_digest, out_size, out_seed, seconds):
+    """Check the argument's digest, optionally sleep, return (index, digest of out, out)."""
+    got = bytes_digest(data)
+    if got != data_digest:
+        raise JobBoom(f"job {index}: argument arrived corrupted ({got} != {data_digest})")
+    if seconds:
+        time.sleep(seconds)
+    out = pattern(out_size, out_seed) if out_size else b""
+    return index, bytes_digest(out), out
+
+
+def _spin():
+    while True:
+        pass
+
+
+def start_gil_spinner(switch_interval):
+    """Make this worker slow to get the GIL back after any blocking call (a loaded machine, made
+    deterministic): a daemon thread spins in pure Python and the switch interval is raised, so every
+    step the worker takes after a syscall (e.g. freeing a ring slot right after sending its reply)
+    lands up to `switch_interval` seconds later."""
+    import sys
+
+    sys.setswitchinterval(switch_interval)
+    threading.Thread(target=_spin, name="gil-spinner", daemon=True).start()
+    return os.getpid()
