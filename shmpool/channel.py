@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import stat
 from collections.abc import Callable
 
 from typing import NamedTuple
@@ -215,6 +216,9 @@ class Endpoint:
                 for fd in fds:
                     os.close(fd)
                 raise wire.WireError(f"one-off payload with {len(fds)} fds, expected 1")
+            if not stat.S_ISREG(os.fstat(fds[0]).st_mode):  # a memfd is a regular file
+                os.close(fds[0])
+                raise wire.WireError("one-off payload fd is not a shared-memory segment")
             segment = Segment.attach(fds[0], populate=populate)
             if header.offset != 0 or header.length > segment.size:
                 segment.close()
