@@ -19,7 +19,7 @@ from . import wire
 from .channel import Placement, freeze
 from .codec import Frozen, IN_PLACE_MIN_BYTES, Parts, oob_bytes_of
 from .errors import SubprocException
-from .interrupts import deferred_interrupt
+from .interrupts import deferred_interrupt, interruptible
 from .lifecycle import Job, JobState, Worker, WorkerState, move_job, move_worker
 from .shm import SharedMemoryError
 
@@ -112,21 +112,26 @@ class PoolCore:
         full: set[int] = set()
         pending = self.pending
         while pending and not self.closing:
-            job = pending[0]
-            backlog = len(pending) > len(self.workers)
-            depth = SHORT_JOB_PIPELINE_DEPTH if backlog and self.job_seconds < SHORT_JOB_SECONDS else PIPELINE_DEPTH
-            best: Worker | None = None
-            for w in self.workers.values():
-                if w.state is WorkerState.READY and len(w.inflight) < depth and w.serial not in full:
-                    if best is None or len(w.inflight) < len(best.inflight):
-                        best = w
-            if best is None:
+            w = self.pick_worker(len(pending), full)
+            if w is None:
                 return
-            outcome = self.place(best, job, now)
-            if outcome is None:
-                full.add(best.serial)  # its ring is busy until its next reply
+            if self.place(w, pending[0], now) is None:
+                full.add(w.serial)  # its ring is busy until its next reply
             else:
                 pending.popleft()
+
+    def pick_worker(self, waiting: int, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
+        """The ready worker with the fewest jobs, if one has room for another given that
+        ``waiting`` jobs wait (see SHORT_JOB_PIPELINE_DEPTH)."""
+        short = waiting > len(self.workers) and self.job_seconds < SHORT_JOB_SECONDS
+        depth = SHORT_JOB_PIPELINE_DEPTH if short else PIPELINE_DEPTH
+        best: Worker | None = None
+        fewest = depth
+        for w in self.workers.values():
+            n = len(w.inflight)
+            if n < fewest and w.state is WorkerState.READY and w.serial not in full:
+                best, fewest = w, n
+        return best
 
     def place(self, w: Worker, job: Job, now: float) -> bool | None:
         """Try to put ``job`` on ``w``: True when placed, False when the job failed here (it is
@@ -145,17 +150,13 @@ class PoolCore:
             return False
         if placement is None:
             return None
-        with deferred_interrupt():  # the three steps below happen together or not at all
-            w.inflight.append(job)
-            move_job(job, JobState.PLACED)
-            try:
-                w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement)
-            except OSError:
-                w.inflight.pop()
-                move_job(job, JobState.QUEUED)
-                self._unstage(payload, placement)
-                self.retire(w, "its socket broke while a job was being placed")
-                return None
+        if interruptible():
+            with deferred_interrupt():  # the steps of _commit happen together or not at all
+                committed = self._commit(w, job, payload, placement)
+        else:
+            committed = self._commit(w, job, payload, placement)
+        if not committed:
+            return None
         job.placement = placement
         if len(w.inflight) == 1:
             self.job_starts(job, now)
@@ -164,6 +165,20 @@ class PoolCore:
         # queue later is read back from the ring, see requeue()).
         payload.release()
         job.payload = None
+        return True
+
+    def _commit(self, w: Worker, job: Job, payload: Parts | Frozen, placement: Placement) -> bool:
+        """Note ``job`` as ``w``'s and send its header; False (all undone) if ``w`` is gone."""
+        w.inflight.append(job)
+        move_job(job, JobState.PLACED)
+        try:
+            w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement)
+        except OSError:
+            w.inflight.pop()
+            move_job(job, JobState.QUEUED)
+            self._unstage(payload, placement)
+            self.retire(w, "its socket broke while a job was being placed")
+            return False
         return True
 
     @staticmethod

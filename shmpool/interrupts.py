@@ -13,12 +13,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_main = threading.main_thread()
+_MAIN_THREAD_ID = threading.main_thread().ident
+
+
+def interruptible() -> bool:
+    """Whether a KeyboardInterrupt can land in this thread (the main one; cheap to ask)."""
+    return threading.get_ident() == _MAIN_THREAD_ID
 
 
 @contextmanager
 def deferred_interrupt() -> Iterator[None]:
-    if threading.current_thread() is not _main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if not interruptible() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
         return
     caught: list[int] = []

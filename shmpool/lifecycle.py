@@ -29,10 +29,12 @@ class JobState(enum.Enum):
     DONE = "done"  # its future is resolved, or queued for resolving outside the lock
 
 
+# Keyed by value and checked by identity: an Enum's own hash is Python code, and this runs
+# twice for every job.
 _JOB_MOVES = {
-    JobState.QUEUED: {JobState.PLACED, JobState.DONE},
-    JobState.PLACED: {JobState.QUEUED, JobState.DONE},
-    JobState.DONE: set(),
+    JobState.QUEUED.value: (JobState.PLACED, JobState.DONE),
+    JobState.PLACED.value: (JobState.QUEUED, JobState.DONE),
+    JobState.DONE.value: (),
 }
 
 
@@ -65,7 +67,7 @@ class Job:
 
 
 def move_job(job: Job, to: JobState) -> None:
-    if to not in _JOB_MOVES[job.state]:
+    if to not in _JOB_MOVES[job.state.value]:
         raise AssertionError(f"job {job.job_id}: {job.state.name} -> {to.name} is not a move a job makes")
     job.state = to
 
@@ -79,11 +81,11 @@ class WorkerState(enum.Enum):
 
 
 _WORKER_MOVES = {
-    WorkerState.STARTING: {WorkerState.READY, WorkerState.RETIRING, WorkerState.EXITED},
-    WorkerState.READY: {WorkerState.RETIRING, WorkerState.EXITED},
-    WorkerState.RETIRING: {WorkerState.EXITED},
-    WorkerState.EXITED: {WorkerState.GONE},
-    WorkerState.GONE: set(),
+    WorkerState.STARTING.value: (WorkerState.READY, WorkerState.RETIRING, WorkerState.EXITED),
+    WorkerState.READY.value: (WorkerState.RETIRING, WorkerState.EXITED),
+    WorkerState.RETIRING.value: (WorkerState.EXITED,),
+    WorkerState.EXITED.value: (WorkerState.GONE,),
+    WorkerState.GONE.value: (),
 }
 
 
@@ -120,6 +122,6 @@ class Worker:
 
 
 def move_worker(w: Worker, to: WorkerState) -> None:
-    if to not in _WORKER_MOVES[w.state]:
+    if to not in _WORKER_MOVES[w.state.value]:
         raise AssertionError(f"worker {w.serial}: {w.state.name} -> {to.name} is not a move a worker makes")
     w.state = to

@@ -219,7 +219,12 @@ class SubprocPool:
             core.counts["jobs_submitted"] += 1
             now = core.last_activity = time.monotonic()
             was_quiesced, core.quiesced = core.quiesced, False
-            placed = not core.pending and self._place_now(job, now)
+            placed = False
+            if not core.pending:
+                # Count this job as waiting too: under a stream of short jobs it may ride
+                # behind others in a worker's ring (see core.SHORT_JOB_PIPELINE_DEPTH).
+                w = core.pick_worker(1 + sum(len(w.inflight) for w in core.workers.values()))
+                placed = w is not None and core.place(w, job, now) is not None
             if placed and (was_quiesced or job_timeout is not None):
                 self._dispatcher.wake()  # restart workers / watch the deadline
         if not placed:
@@ -236,15 +241,6 @@ class SubprocPool:
                     self._dispatcher.wake()
         core.flush()
         return job.future
-
-    def _place_now(self, job: Job, now: float) -> bool:
-        """Under lock: put ``job`` on the least busy ready worker with room, if any."""
-        core = self._core
-        for w in core.workers.values():
-            if w.state is WorkerState.READY and not w.inflight:
-                if core.place(w, job, now) is not None:
-                    return True
-        return False
 
     def quiesce(self) -> None:
         """Stop the workers to give their memory back; the next job or ``wakeup()`` restarts them."""
