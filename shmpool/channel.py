@@ -81,13 +81,15 @@ def send_header(sock: socket.socket, header: bytes, fds: tuple[int, ...] | list[
 
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ARRAY.itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_MESSAGE_SPACE = wire.HEADER_SIZE * wire.MAX_BATCH + 1  # one more byte: a longer message shows as such
 
 
-def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
-    """Next header and the fds beside it; None at EOF. Raises BlockingIOError on a
-    non-blocking socket with nothing to read, WireError on a malformed header."""
+def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.Header], list[int]] | None:
+    """The headers of the next message and the fds beside it; None at EOF. Raises
+    BlockingIOError when nothing is there and the socket (or ``block=False``) does not wait,
+    WireError on a malformed message (its fds closed)."""
     try:
-        data, ancdata, msg_flags, _ = sock.recvmsg(wire.HEADER_SIZE + 1, _ANCILLARY_SPACE)
+        data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else socket.MSG_DONTWAIT)
     except ConnectionResetError:
         return None  # the peer closed with messages of ours unread: gone all the same
     fds: list[int] = []
@@ -100,12 +102,31 @@ def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
         return None
     try:
         if msg_flags & _TRUNCATED:
-            raise wire.WireError("message longer than a header, or with too many fds")
-        return wire.decode(data), fds
+            raise wire.WireError("message longer than a batch of headers, or with too many fds")
+        n, rest = divmod(len(data), wire.HEADER_SIZE)
+        if rest or n == 0:
+            raise wire.WireError(f"message of {len(data)} bytes is not a whole number of headers")
+        if fds and n != 1:
+            raise wire.WireError(f"a message of {n} headers carries fds")
+        if n == 1:
+            return [wire.decode(data)], fds
+        size = wire.HEADER_SIZE
+        return [wire.decode(data[i : i + size]) for i in range(0, len(data), size)], fds
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
+
+
+def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
+    """``recv_headers`` for a peer that sends one header per message (the fork helper, INIT)."""
+    got = recv_headers(sock)
+    if got is None:
+        return None
+    headers, fds = got
+    if len(headers) != 1:
+        raise wire.WireError(f"{len(headers)} headers where one was expected")
+    return headers[0], fds
 
 
 def freeze(parts: Parts | Frozen, stage_bytes: int) -> Frozen:
@@ -175,13 +196,32 @@ class Endpoint:
             raise
         return Placement(start, size, None)
 
-    def announce(self, kind: wire.MsgKind, job_id: int, placement: Placement, flags: int = 0) -> None:
-        """Send the header for a staged payload (raises OSError if the peer is gone)."""
+    def announce(
+        self, kind: wire.MsgKind, job_id: int, placement: Placement, flags: int = 0, batch: list[bytes] | None = None
+    ) -> None:
+        """Send the header for a staged payload, or add it to ``batch`` (sent by
+        ``send_batch``); a one-off segment's goes at once, with its fd. Raises OSError if the
+        peer is gone."""
         if placement.oneoff is not None:
+            if batch:
+                self.send_batch(batch)  # keep the order: what was gathered goes first
             header = wire.encode(kind, job_id, 0, placement.size, flags | wire.Flag.ONEOFF)
             send_header(self.sock, header, (placement.oneoff.fd,))
+            return
+        header = wire.encode(kind, job_id, placement.start, placement.size, flags)
+        if batch is None:
+            self.sock.send(header)
         else:
-            send_header(self.sock, wire.encode(kind, job_id, placement.start, placement.size, flags))
+            batch.append(header)
+            if len(batch) == wire.MAX_BATCH:
+                self.send_batch(batch)
+
+    def send_batch(self, batch: list[bytes]) -> None:
+        """Send the headers gathered in ``batch`` as one message, and empty it."""
+        if batch:
+            data = b"".join(batch)
+            batch.clear()
+            self.sock.send(data)
 
     def send_payload(
         self,

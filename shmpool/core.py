@@ -28,7 +28,7 @@ from .shm import SharedMemoryError
 # its next job the moment it sends a result instead of idling through our wake-up. Long jobs
 # are never stacked: a job placed behind a slow one would wait while another worker sits idle.
 PIPELINE_DEPTH = 1
-SHORT_JOB_PIPELINE_DEPTH = 4
+SHORT_JOB_PIPELINE_DEPTH = 16
 SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
 JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
 # A job that must wait keeps a private copy of its bytes (the caller may change its arrays
@@ -88,13 +88,16 @@ class PoolCore:
 
     # ------------------------------------------------------------ resolving, under lock
 
-    def resolve(self, job: Job, value: Any = None, exc: BaseException | None = None) -> None:
-        """``job`` is over: drop its bytes, queue its future's resolution for ``flush``."""
+    def resolve(
+        self, job: Job, value: Any = None, exc: BaseException | None = None, into: list | None = None
+    ) -> None:
+        """``job`` is over: drop its bytes, queue its future's resolution for ``flush`` (or in
+        ``into``, for a caller that settles them itself once out of the lock)."""
         move_job(job, JobState.DONE)
         job.drop_payload()
         if not job.future.done():
             self.counts["jobs_failed" if exc is not None else "jobs_completed"] += 1
-            self._to_settle.append((job.future, value, exc))
+            (self._to_settle if into is None else into).append((job.future, value, exc))
 
     def flush(self) -> None:
         """Resolve queued futures. Call without ``lock``: done-callbacks may call back in."""
@@ -108,17 +111,41 @@ class PoolCore:
     # ------------------------------------------------------------ placing, under lock
 
     def place_pending(self, now: float) -> None:
-        """Put queued jobs into ready workers' request rings, oldest first."""
+        """Put queued jobs into ready workers' request rings, oldest first. The headers for
+        one worker go out as one message (one wake-up for all of them)."""
+        if not self.pending or self.closing:
+            return
+        if interruptible():
+            with deferred_interrupt():
+                self._place_pending(now)
+        else:
+            self._place_pending(now)
+
+    def _place_pending(self, now: float) -> None:
         full: set[int] = set()
+        batches: dict[int, tuple[Worker, list[bytes]]] = {}
         pending = self.pending
-        while pending and not self.closing:
-            w = self.pick_worker(len(pending), full)
-            if w is None:
-                return
-            if self.place(w, pending[0], now) is None:
-                full.add(w.serial)  # its ring is busy until its next reply
-            else:
-                pending.popleft()
+        try:
+            while pending and not self.closing:
+                w = self.pick_worker(len(pending), full)
+                if w is None:
+                    return
+                batch = batches.setdefault(w.serial, (w, []))[1]
+                if self.place(w, pending[0], now, batch) is None:
+                    full.add(w.serial)  # its ring is busy until its next reply
+                else:
+                    pending.popleft()
+        finally:
+            for w, batch in batches.values():
+                self._send(w, batch)
+
+    def _send(self, w: Worker, batch: list[bytes]) -> None:
+        try:
+            w.endpoint.send_batch(batch)
+        except OSError:
+            # It is dying. Its jobs stay its own until its exit, which puts back the ones it
+            # never took (their bytes are in its ring); make that exit come now.
+            self.retire(w, "its socket broke while jobs were being placed", time.monotonic())
 
     def pick_worker(self, waiting: int, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
         """The ready worker with the fewest jobs, if one has room for another given that
@@ -133,9 +160,10 @@ class PoolCore:
                 best, fewest = w, n
         return best
 
-    def place(self, w: Worker, job: Job, now: float) -> bool | None:
-        """Try to put ``job`` on ``w``: True when placed, False when the job failed here (it is
-        resolved), None when it did not fit or ``w`` turned out unusable (try elsewhere)."""
+    def place(self, w: Worker, job: Job, now: float, batch: list[bytes] | None = None) -> bool | None:
+        """Try to put ``job`` on ``w``: True when placed (its header sent, or added to
+        ``batch`` for the caller to send), False when the job failed here (it is resolved),
+        None when it did not fit (try elsewhere)."""
         payload = job.payload
         assert payload is not None and job.state is JobState.QUEUED
         if not job.running:
@@ -151,13 +179,10 @@ class PoolCore:
         if placement is None:
             return None
         if interruptible():
-            with deferred_interrupt():  # the steps of _commit happen together or not at all
-                committed = self._commit(w, job, payload, placement)
+            with deferred_interrupt():  # noted as w's and announced, together or not at all
+                self._commit(w, job, placement, batch)
         else:
-            committed = self._commit(w, job, payload, placement)
-        if not committed:
-            return None
-        job.placement = placement
+            self._commit(w, job, placement, batch)
         if len(w.inflight) == 1:
             self.job_starts(job, now)
         self._count_placed(payload, placement)
@@ -167,28 +192,15 @@ class PoolCore:
         job.payload = None
         return True
 
-    def _commit(self, w: Worker, job: Job, payload: Parts | Frozen, placement: Placement) -> bool:
-        """Note ``job`` as ``w``'s and send its header; False (all undone) if ``w`` is gone."""
+    def _commit(self, w: Worker, job: Job, placement: Placement, batch: list[bytes] | None) -> None:
         w.inflight.append(job)
         move_job(job, JobState.PLACED)
+        job.placement = placement
         try:
-            w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement)
+            w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement, 0, batch)
         except OSError:
-            w.inflight.pop()
-            move_job(job, JobState.QUEUED)
-            self._unstage(payload, placement)
-            self.retire(w, "its socket broke while a job was being placed")
-            return False
-        return True
-
-    @staticmethod
-    def _unstage(payload: Parts | Frozen, placement: Placement) -> None:
-        if placement.oneoff is None:
-            return
-        if isinstance(payload, Frozen) and payload.segment is None:
-            payload.segment = placement.oneoff  # give the staged segment back to its payload
-        else:
-            placement.oneoff.close()
+            # It is dying: the job is put back when it exits, which we make come now.
+            self.retire(w, "its socket broke while a job was being placed", time.monotonic())
 
     def _count_placed(self, payload: Parts | Frozen, placement: Placement) -> None:
         size = placement.size

@@ -30,12 +30,13 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from . import wire
-from .channel import Endpoint, recv_header
+from .channel import Endpoint, recv_header, recv_headers
 from .codec import CodecError, dump, load
-from .core import JOB_SECONDS_WEIGHT, PoolCore
+from .core import JOB_SECONDS_WEIGHT, PoolCore, settle
 from .errors import JobTimeoutError, SubprocException, WorkerDiedError, WorkerStartError, describe_exit
 from .launch import ForkHelper, spawn_worker, stop_process
 from .lifecycle import Job, Worker, WorkerState, move_worker
@@ -56,6 +57,10 @@ START_BACKOFF_MAX = 30.0
 JOIN_LIMIT = 30.0  # seconds shutdown(wait=True) waits for the dispatcher's teardown  # with live workers, failing starts are retried at most this far apart
 _PLAIN = SubprocPickler()
 _KNOWN_INFRA_ERRORS = (SharedMemoryError,)  # raised by the worker for us to raise as they are
+
+
+class _ProtocolError(Exception):
+    """A reply that is not one a worker following the protocol could send."""
 
 
 class Dispatcher:
@@ -328,10 +333,10 @@ class Dispatcher:
     # ------------------------------------------------------------ worker messages
 
     def _on_worker(self, w: Worker) -> None:
-        """Read every header the worker has sent. Its faults cost it, never the loop."""
+        """Read every message the worker has sent. Its faults cost it, never the loop."""
         while w.socket_open:
             try:
-                got = recv_header(w.endpoint.sock)
+                got = recv_headers(w.endpoint.sock)
             except BlockingIOError:
                 return
             except (wire.WireError, OSError) as e:
@@ -340,21 +345,93 @@ class Dispatcher:
             if got is None:
                 self._on_eof(w)
                 return
-            header, fds = got
+            headers, fds = got
             try:
-                self._on_message(w, header, fds)
+                self._on_headers(w, headers, fds)
             except Exception as e:  # WireError, RingError, CodecError, or worse: it is the worker's
                 self._protocol_error(w, f"{type(e).__name__}: {e}")
                 return
 
+    def _on_headers(self, w: Worker, headers: list[wire.Header], fds: list[int]) -> None:
+        """One message. Replies: take their jobs off the worker's queue and place its next jobs
+        (one message for all of them) in one hold of the lock, then read the results, so the
+        worker is busy meanwhile. Raises WireError when the worker broke the protocol, after
+        resolving every job the message answered."""
+        replies: list[tuple[wire.Header, list[int]]] = []
+        for i, header in enumerate(headers):
+            its_fds = fds if i == 0 else []
+            if header.kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR) and not (
+                header.job_id == wire.SETUP_JOB_ID and w.state is WorkerState.STARTING
+            ):
+                replies.append((header, its_fds))
+            else:
+                self._on_message(w, header, its_fds)
+        if not replies:
+            return
+        core = self.core
+        taken: list[tuple[Job, wire.Header, list[int]]] = []
+        broken: str | None = None
+        with core.lock:
+            now = time.monotonic()
+            for header, its_fds in replies:
+                if broken is None and w.inflight and w.inflight[0].job_id == header.job_id:
+                    job = w.inflight.popleft()
+                    self._job_done(w, job, header, now)
+                    taken.append((job, header, its_fds))
+                else:
+                    broken = broken or f"reply for job {header.job_id}, which that worker was not running"
+                    for fd in its_fds:
+                        os.close(fd)
+            core.place_pending(now)
+        outcomes: list[tuple[Job, wire.Header, Any, BaseException | None]] = []
+        for job, header, its_fds in taken:
+            if broken is not None:  # after a bad region nothing behind it can be trusted
+                for fd in its_fds:
+                    os.close(fd)
+                outcomes.append((job, header, None, WorkerDiedError(w.pid or -1, None, f"job {job.desc} (protocol error: {broken})")))
+                continue
+            value, exc = self._read_reply(w, job, header, its_fds)
+            if isinstance(exc, _ProtocolError):
+                broken = str(exc)
+                exc = WorkerDiedError(w.pid or -1, None, f"job {job.desc} (protocol error: {broken})")
+            outcomes.append((job, header, value, exc))
+        settled: list[tuple[Future, Any, BaseException | None]] = []
+        with core.lock:
+            for job, header, value, exc in outcomes:
+                core.counts["bytes_from_workers"] += header.length
+                core.counts["copied_from_workers"] += 2 * header.length  # worker's write, our read
+                core.resolve(job, value, exc, into=settled)
+        for future, value, exc in settled:
+            settle(future, value, exc)
+        if self.auto_quiesce_after is not None:
+            self._chores = True  # the idle clock restarts: its deadline needs computing
+        if broken is not None:
+            raise wire.WireError(broken)
+
+    def _read_reply(self, w: Worker, job: Job, header: wire.Header, fds: list[int]) -> tuple[Any, BaseException | None]:
+        """The result (or error) a reply carries. Never raises: a result we cannot map fails
+        alone (SharedMemoryError); a malformed reply comes back as a _ProtocolError."""
+        try:
+            payload = w.endpoint.open_payload(header, fds)
+        except SharedMemoryError as e:
+            # We cannot map this one result (address space, memory): it fails alone; the
+            # worker freed its side already and goes on.
+            return None, SharedMemoryError(f"the result of job {job.desc} could not be mapped: {e}")
+        except Exception as e:
+            return None, _ProtocolError(f"{type(e).__name__}: {e}")
+        # The response ring is read only by this thread: no lock for the payload itself.
+        try:
+            return self._decode(header, payload)
+        except Exception as e:
+            return None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
+        finally:
+            payload.release()
+
     def _on_message(self, w: Worker, header: wire.Header, fds: list[int]) -> None:
         core = self.core
         kind = header.kind
-        if kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR):
-            if header.job_id == wire.SETUP_JOB_ID and kind == wire.MsgKind.ERROR and w.state is WorkerState.STARTING:
-                self._on_init_failed(w, header, fds)
-            else:
-                self._on_reply(w, header, fds)
+        if kind == wire.MsgKind.ERROR and header.job_id == wire.SETUP_JOB_ID and w.state is WorkerState.STARTING:
+            self._on_init_failed(w, header, fds)
             return
         if fds:
             for fd in fds:
@@ -384,50 +461,9 @@ class Dispatcher:
         else:
             raise wire.WireError(f"unexpected {kind.name} from a worker in state {w.state.name}")
 
-    def _on_reply(self, w: Worker, header: wire.Header, fds: list[int]) -> None:
-        core = self.core
-        with core.lock:
-            if not w.inflight or w.inflight[0].job_id != header.job_id:
-                for fd in fds:
-                    os.close(fd)
-                raise wire.WireError(f"reply for job {header.job_id}, which that worker was not running")
-        try:
-            payload = w.endpoint.open_payload(header, fds)
-        except SharedMemoryError as e:
-            # We cannot map this one result (address space, memory): it fails alone; the
-            # worker freed its side already and goes on.
-            with core.lock:
-                job = w.inflight.popleft()
-                self._job_done(w, job, header)
-                core.resolve(job, exc=SharedMemoryError(f"the result of job {job.desc} could not be mapped: {e}"))
-            return
-        with core.lock:
-            job = w.inflight.popleft()
-            self._job_done(w, job, header)
-            # Hand the worker its next job before unpickling this result: the two overlap.
-            core.place_pending(time.monotonic())
-        # The response ring is read only by this thread: no lock for the payload itself.
-        broken: Exception | None = None
-        try:
-            value, exc = self._decode(header, payload)
-        except Exception as e:  # a malformed ERROR payload: the worker broke the protocol
-            broken = e
-            value, exc = None, WorkerDiedError(w.pid or -1, None, f"job {job.desc} (protocol error: {e})")
-        finally:
-            payload.release()
-        with core.lock:
-            core.counts["bytes_from_workers"] += header.length
-            core.counts["copied_from_workers"] += 2 * header.length  # worker's write, our read
-            core.resolve(job, value, exc)
-        if self.auto_quiesce_after is not None:
-            self._chores = True  # the idle clock restarts: its deadline needs computing
-        if broken is not None:
-            raise wire.WireError(f"job {job.job_id}'s reply could not be read: {broken}")
-
-    def _job_done(self, w: Worker, job: Job, header: wire.Header) -> None:
+    def _job_done(self, w: Worker, job: Job, header: wire.Header, now: float) -> None:
         """Bookkeeping when ``w`` answers ``job``, under lock."""
         core = self.core
-        now = time.monotonic()
         core.last_activity = now
         if header.flags & wire.Flag.RECYCLE:
             self._retire_after_reply(w)
@@ -469,10 +505,10 @@ class Dispatcher:
         details = exc.details if isinstance(exc, SubprocException) else str(exc)
         with self.core.lock:
             # Every start would fail the same way: fail the queue (if no worker is live) instead of looping.
-            self._start_failures = MAX_START_FAILURES - 1
-            self._start_failed(f"the worker initializer raised:\n{details}")
             w.expected_exit = True
             self.core.retire(w, "its initializer failed", time.monotonic() + EOF_GRACE)
+            self._start_failures = MAX_START_FAILURES - 1
+            self._start_failed(f"the worker initializer raised:\n{details}")
         self._chores = True
 
     def _on_eof(self, w: Worker) -> None:
@@ -529,8 +565,11 @@ class Dispatcher:
         ring = w.endpoint.outgoing
         assert ring.segment.view is not None
         taken = wire.read_taken(ring.segment.view, ring.capacity)
-        running = [job for job in w.inflight if job.job_id == taken]
-        untaken = [job for job in w.inflight if job.job_id != taken]
+        # The worker takes its jobs in order: every job up to the one it took last was started
+        # (run, or answered in a reply it never sent) and fails; the rest never began.
+        ids = [job.job_id for job in w.inflight]
+        cut = ids.index(taken) + 1 if taken in ids else 0
+        running, untaken = list(w.inflight)[:cut], list(w.inflight)[cut:]
         w.inflight.clear()
         exitcode = w.exitcode if w.status_known else None
         for job in running:

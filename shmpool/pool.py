@@ -221,10 +221,10 @@ class SubprocPool:
             was_quiesced, core.quiesced = core.quiesced, False
             placed = False
             if not core.pending:
-                # Count this job as waiting too: under a stream of short jobs it may ride
-                # behind others in a worker's ring (see core.SHORT_JOB_PIPELINE_DEPTH).
-                w = core.pick_worker(1 + sum(len(w.inflight) for w in core.workers.values()))
-                placed = w is not None and core.place(w, job, now) is not None
+                # Straight into an idle worker's ring. A busy worker's next jobs are placed by
+                # the dispatcher when its replies come, many to a message.
+                w = core.pick_worker(1)
+                placed = w is not None and not w.inflight and core.place(w, job, now) is not None
             if placed and (was_quiesced or job_timeout is not None):
                 self._dispatcher.wake()  # restart workers / watch the deadline
         if not placed:

@@ -128,14 +128,13 @@ class RingReader:
         self.capacity = _capacity(segment, capacity)
         self.freed = freed
         self._last_end = 0  # end of the newest region received
-        self._released = 0  # end of the newest region freed
-        self._unfreed: collections.deque[int] = collections.deque()
+        self._unfreed: collections.deque[int] = collections.deque()  # starts of regions not yet freed, FIFO
 
     def view(self, start: int, size: int) -> memoryview:
         """The region a header names, after checking it is the next one the producer could
         have handed out: in order, inside the buffer, never overlapping an unfreed region."""
         pos = start % self.capacity
-        floor = self._released if self._unfreed else start  # where unfreed data begins
+        floor = self._unfreed[0] if self._unfreed else start  # where unfreed data begins
         if (
             size <= 0
             or size > self.capacity
@@ -146,15 +145,14 @@ class RingReader:
         ):
             raise RingError(
                 f"region {start}+{size} is not a valid next region of a {self.capacity}-byte ring "
-                f"(last end {self._last_end}, freed up to {self._released})"
+                f"(last end {self._last_end}, oldest unfreed at {floor})"
             )
         self._last_end = start + size
-        self._unfreed.append(self._last_end)
+        self._unfreed.append(start)
         assert self.segment.view is not None
         return self.segment.view[pos : pos + size]
 
     def free(self) -> None:
         """Give the oldest region received back to the producer."""
-        self._released = self._unfreed.popleft()
+        self._unfreed.popleft()
         self.freed.release()
-

@@ -14,6 +14,10 @@ physical offset is ``offset % capacity``) or 0 for a one-off segment, whose memf
 beside the header as SCM_RIGHTS ancillary data (flag ``ONEOFF``). For control messages the
 two u64 fields carry small integers named at each kind below.
 
+A message on a socket is one header, or up to ``MAX_BATCH`` of them back to back when a side
+has several to send at once (jobs stacked for a worker, replies to short jobs): one wake-up
+for all of them. A message that carries fds carries exactly one header.
+
 The request segment (parent -> worker), one per worker::
 
     0                                   ring_capacity          + CONTROL_BYTES
@@ -34,6 +38,7 @@ MAGIC = b"SHMP"
 VERSION = 2  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error)
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
+MAX_BATCH = 16  # headers in one message at most
 _U64_MAX = (1 << 64) - 1
 
 SETUP_JOB_ID = 0

@@ -15,11 +15,19 @@ One job, in order (the parent relies on each step's place):
   4. run, pickle the result and write it into the response ring;
   5. free the request region if still held (ring.py: *before* the reply's header, so the
      header tells the parent there is room again), then send the header.
+
+Headers arrive in batches when the parent stacks short jobs. A short job's reply header is
+then held while more jobs are queued here, and all held headers go out as one message when
+the queue runs dry, a batch fills, a job is about to start after a while, or a payload needs
+ring space the parent has yet to free (see REPLY_HOLD_SECONDS). A worker that dies holding
+some fails those jobs (the parent sees they were taken); it never re-runs them.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
+import time
 import pickle
 import signal
 import socket
@@ -30,7 +38,7 @@ from typing import Any
 import posix_ipc
 
 from . import wire
-from .channel import Endpoint, Payload, recv_header
+from .channel import Endpoint, Payload, recv_header, recv_headers
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
 from .errors import PayloadTooLargeError
 from .pickler import SubprocPickler
@@ -39,6 +47,10 @@ from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_sema
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
+# A reply header is held back only after a job this short, and a held one goes out before
+# the next job starts once it has waited this long: the parent stacks jobs only while they
+# average under 2 ms (core.SHORT_JOB_SECONDS), so this is the delay it already accepts.
+REPLY_HOLD_SECONDS = 0.002
 _PLAIN = SubprocPickler()  # errors travel with plain pickle, whatever the pool's pickler is
 
 Error = tuple[str, str, Exception | None]  # (class name, traceback text, shmpool error to raise as is)
@@ -80,6 +92,10 @@ class Worker:
         self.pickler: SubprocPickler = _PLAIN
         self.max_payload: int | None = None
         self.memory_cap: int | None = None
+        self._backlog: collections.deque[tuple[wire.Header, list[int]]] = collections.deque()
+        self._held: list[bytes] = []  # reply headers written but not yet sent
+        self._held_since = 0.0
+        self._job_started = 0.0
 
     def _parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
@@ -151,6 +167,9 @@ class Worker:
         # Mark it taken before anything can go wrong with it: if we die from here on, the parent
         # fails this job; if we die before, it runs the job on another worker.
         assert self.request.view is not None
+        if self._held and time.monotonic() - self._held_since > REPLY_HOLD_SECONDS:
+            self._send_held()
+        self._job_started = time.monotonic()
         wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
         try:
             payload, in_place = self._open_job(header, fds)
@@ -201,38 +220,87 @@ class Worker:
         if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
             flags |= wire.Flag.RECYCLE
         try:
-            placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
+            placement = self._stage(answer)
         except SharedMemoryError as e:
             error = _describe(e, "the job's result could not be placed in shared memory")
             kind, answer = wire.MsgKind.ERROR, dump(error, _PLAIN)
-            placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
+            placement = self._stage(answer)
         if placement is None:
             return int(wire.Flag.RECYCLE)  # the parent is gone
         answer.release()  # drop the result object before the parent copies it
         del answer
         if request is not None and not request.release():
             flags |= wire.Flag.RECYCLE  # a region we could not take back from the job: retire
+        hold = (
+            placement.oneoff is None
+            and not flags
+            and bool(self._backlog)
+            and len(self._held) < wire.MAX_BATCH - 1
+            and time.monotonic() - self._job_started < REPLY_HOLD_SECONDS
+        )
+        if hold and not self._held:
+            self._held_since = time.monotonic()
         try:
-            self.endpoint.announce(kind, job_id, placement, flags)
+            self.endpoint.announce(kind, job_id, placement, flags, self._held)
         finally:
             if placement.oneoff is not None:
                 placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
+        if not hold:
+            self._send_held()
         return flags
+
+    def _stage(self, answer: Parts) -> Any:
+        """Place a reply in the response ring; if it is full, send the held headers first: the
+        parent frees space only for replies it has heard of."""
+        assert self.endpoint is not None
+        placement = self.endpoint.stage(answer)
+        if placement is None:
+            self._send_held()
+            placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
+        return placement
+
+    def _send_held(self) -> None:
+        if self._held:
+            assert self.endpoint is not None
+            self.endpoint.send_batch(self._held)
+
+    def _next(self) -> tuple[wire.Header, list[int]] | None:
+        """The next header to act on; None when the parent is gone. Held replies go out
+        before we block."""
+        if not self._backlog:
+            got = None
+            if self._held:
+                try:
+                    got = recv_headers(self.sock, block=False)
+                except BlockingIOError:
+                    self._send_held()  # nothing more queued: the parent hears of them now
+            if got is None and not self._held:
+                got = recv_headers(self.sock)
+            elif got is None:
+                return self._next()
+            if got is None:
+                return None
+            headers, fds = got
+            self._backlog.extend((h, fds if i == 0 else []) for i, h in enumerate(headers))
+        return self._backlog.popleft()
 
     def serve(self) -> None:
         if not self._init():
             return
-        while True:
-            got = recv_header(self.sock)
-            if got is None:
-                return  # the parent closed its end: it is gone or shutting down
-            header, fds = got
-            if header.kind == wire.MsgKind.QUIT:
-                return
-            if header.kind != wire.MsgKind.JOB or header.job_id == wire.SETUP_JOB_ID:
-                raise wire.WireError(f"unexpected {header.kind.name} (job {header.job_id}) from the parent")
-            if self._run_job(header, fds) & wire.Flag.RECYCLE:
-                return
+        try:
+            while True:
+                got = self._next()
+                if got is None:
+                    return  # the parent closed its end: it is gone or shutting down
+                header, fds = got
+                if header.kind == wire.MsgKind.QUIT:
+                    return
+                if header.kind != wire.MsgKind.JOB or header.job_id == wire.SETUP_JOB_ID:
+                    raise wire.WireError(f"unexpected {header.kind.name} (job {header.job_id}) from the parent")
+                if self._run_job(header, fds) & wire.Flag.RECYCLE:
+                    return
+        finally:
+            self._send_held()
 
 
 def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> None:
