@@ -6,33 +6,25 @@ head node, where the contract tests' actors run, and a second node offering the
 its own raylet and its own object store, so a job sent there crosses nodes as it would between
 machines (only the disk is shared, which the torch test rules out with per-worker cache dirs).
 
-Skipped as a whole, cleanly, when the ``ray`` extra is not installed.
+Each test module skips itself (``pytest.importorskip``) when the ``ray`` extra is not
+installed; this file imports Ray only inside its fixtures, so it loads without it.
 """
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip install shmpool[ray])")
-cluster_utils = pytest.importorskip("ray.cluster_utils")
-
-from shmpool.ray import RayPool  # noqa: E402
-
-# Per node: enough for the 64 MiB round trips (payload and result both in the store) with room.
-OBJECT_STORE_BYTES = 400 << 20
-REMOTE_RESOURCE = "shmpool_remote"
-# A quarter CPU per actor: a 2-core machine runs a pool of two plus the replacements the crash
-# tests start while Ray still releases the dead ones' share.
-TEST_ACTOR_OPTIONS = {"num_cpus": 0.25}
-STORE_EMPTY_DEADLINE_S = 30.0  # Ray frees objects asynchronously once the last reference goes
+from rayutil import OBJECT_STORE_BYTES, REMOTE_RESOURCE, TEST_ACTOR_OPTIONS, wait_store_empty
 
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
+    import ray
+    from ray import cluster_utils
+
     # Workers must import the shmpool under test (this checkout), whatever is pip-installed.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     old = os.environ.get("PYTHONPATH")
@@ -53,36 +45,15 @@ def ray_cluster() -> Iterator[Any]:
         os.environ["PYTHONPATH"] = old
 
 
-def store_objects() -> tuple[int, int]:
-    """(objects, MiB) in every node's object store.
-
-    Ray has no public call for this without the dashboard; ``memory_summary`` (the engine of
-    ``ray memory``) is the one way. Private: isolated here, checked against Ray 2.60.0.
-    """
-    import re
-
-    from ray._private.internal_api import memory_summary
-
-    text = memory_summary(stats_only=True)
-    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", text)
-    assert m, f"unexpected memory summary: {text!r}"
-    return int(m.group(2)), int(m.group(1))
-
-
-def wait_store_empty() -> tuple[int, int]:
-    deadline = time.monotonic() + STORE_EMPTY_DEADLINE_S
-    while (left := store_objects())[0] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 @pytest.fixture
 def kind() -> str:
     return "ray"
 
 
 @pytest.fixture
-def make_pool(ray_cluster: Any) -> Iterator[Callable[..., RayPool]]:
+def make_pool(ray_cluster: Any) -> Iterator[Callable[..., Any]]:
+    from shmpool.ray import RayPool
+
     pools: list[RayPool] = []
 
     def make(nprocs: int = 1, **kwargs: Any) -> RayPool:
@@ -99,5 +70,5 @@ def make_pool(ray_cluster: Any) -> Iterator[Callable[..., RayPool]]:
 
 
 @pytest.fixture
-def pool(make_pool: Callable[..., RayPool]) -> RayPool:
+def pool(make_pool: Callable[..., Any]) -> Any:
     return make_pool(2)

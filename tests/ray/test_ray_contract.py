@@ -9,6 +9,12 @@ folder's ``make_pool``/``pool`` fixtures build RayPools. Left out, and why:
 """
 from __future__ import annotations
 
+import pytest
+
+from rayutil import SKIP_REASON
+
+pytest.importorskip("ray", reason=SKIP_REASON)
+
 from test_pool import (  # noqa: F401  (collected by pytest)
     test_a_failing_initializer_fails_jobs_instead_of_hanging,
     test_a_job_raising_while_it_views_its_array_argument_costs_no_worker,
@@ -33,4 +39,4 @@ from test_pool import (  # noqa: F401  (collected by pytest)
     test_timeout_fails_the_job_and_replaces_the_worker,
     test_unpicklable_job_raises_from_submit,
     test_unpicklable_result_fails_that_job_only,
-)
+)  # noqa: E402

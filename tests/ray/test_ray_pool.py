@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 
-import corejobs
-import rayjobs
-from conftest import REMOTE_RESOURCE, TEST_ACTOR_OPTIONS, store_objects
-from corejobs import RESULT_TIMEOUT
-from shmpool import SubprocException, WorkerDiedError
-from shmpool.ray import RayPool
-from shmpool.ray.pool import INLINE_LIMIT
+from rayutil import REMOTE_RESOURCE, SKIP_REASON, TEST_ACTOR_OPTIONS, store_objects
+
+pytest.importorskip("ray", reason=SKIP_REASON)
+
+import corejobs  # noqa: E402
+import rayjobs  # noqa: E402
+from corejobs import RESULT_TIMEOUT  # noqa: E402
+from shmpool import SubprocException, WorkerDiedError  # noqa: E402
+from shmpool.ray import RayPool  # noqa: E402
+from shmpool.ray.pool import INLINE_LIMIT  # noqa: E402
 
 # How a job can take its actor down with it. Ray reports no exit status for an actor, so
 # each gives WorkerDiedError with exitcode None, and Ray's own words for the cause.
@@ -82,6 +85,7 @@ def test_a_job_error_is_subproc_exception_not_a_ray_error(pool: RayPool) -> None
 
 
 def test_import_shmpool_never_imports_ray() -> None:
+    # Runs only where Ray is installed: there, nothing but an import of it could load it.
     code = "import sys, shmpool; assert 'ray' not in sys.modules, 'shmpool imported ray'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=RESULT_TIMEOUT)
 

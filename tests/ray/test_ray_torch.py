@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="the torch extra is not installed")
-import ray  # noqa: E402  (conftest has skipped this folder already without it)
+from rayutil import REMOTE_RESOURCE, SKIP_REASON
 
-from conftest import REMOTE_RESOURCE  # noqa: E402
+ray = pytest.importorskip("ray", reason=SKIP_REASON)
+torch = pytest.importorskip("torch", reason="the torch extra is not installed")
 
 COMPILE_DEADLINE_S = 300.0
 
