@@ -250,7 +250,7 @@ class RayPool:
         self._events: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []  # manager thread only
 
-        # Manager-thread state.
+        # Manager-thread state (_actors is changed under _lock too, for worker_pids()).
         self._actors: dict[int, _Actor] = {}
         self._serials = itertools.count(1)
 
@@ -336,11 +336,13 @@ class RayPool:
 
     def worker_pids(self) -> list[int]:
         """Pids of the ready actors (each on its own node: pids of several hosts may mix)."""
-        return [w.pid for w in list(self._actors.values()) if w.pid is not None and w.state in (_State.IDLE, _State.BUSY)]
+        with self._lock:
+            return [w.pid for w in self._actors.values() if w.pid is not None and w.state in (_State.IDLE, _State.BUSY)]
 
     def worker_hosts(self) -> list[str]:
         """Host names of the ready actors, in the order of ``worker_pids()``."""
-        return [w.host for w in list(self._actors.values()) if w.host is not None and w.state in (_State.IDLE, _State.BUSY)]
+        with self._lock:
+            return [w.host for w in self._actors.values() if w.host is not None and w.state in (_State.IDLE, _State.BUSY)]
 
     def helper_pids(self) -> list[int]:
         return []  # Ray starts the processes; there is no fork helper
@@ -367,6 +369,7 @@ class RayPool:
                     except queue.Empty:
                         break
                 stop = False
+                ev: tuple[Any, ...] = ()
                 for ev in events:
                     if ev[0] == "ready":
                         self._on_ready(ev[1], ev[2])
@@ -374,6 +377,9 @@ class RayPool:
                         self._on_reply(ev[1], ev[2], ev[3])
                     elif ev[0] == "stop":
                         stop = True
+                # Drop the replies now: a resolved Ray future holds its result's object-store
+                # views, which would pin the object until the next event.
+                del events, event, ev
                 if stop or self._closing:
                     self._teardown()
                     return
@@ -422,8 +428,8 @@ class RayPool:
         for _ in range(self.nprocs - len(self._actors)):
             serial = next(self._serials)
             w = _Actor(serial, self._actor_class.remote())
-            self._actors[serial] = w
             with self._lock:
+                self._actors[serial] = w
                 self._stats["workers_started"] += 1
             self._watch(w.handle.setup.remote(self._boot), "ready", w)
 
@@ -533,7 +539,8 @@ class RayPool:
         """Kill an actor and forget it; a job it held must already be settled. Never raises."""
         if w.state is not _State.GONE:
             _move(w, _State.GONE)
-        self._actors.pop(w.serial, None)
+        with self._lock:
+            self._actors.pop(w.serial, None)
         w.job = None
         try:
             ray.kill(w.handle, no_restart=True)

@@ -17,3 +17,13 @@ def node_id() -> str:
 
 def length(data: bytes) -> int:
     return len(data)
+
+
+def triton_kernel_into_cache(index: int, extra_env: dict[str, str]) -> str:
+    """A kernel compile shaped like torch's ``_worker_compile_triton``: apply the caller's
+    ``extra_env`` (its TRITON_CACHE_DIR), compile a real Triton kernel into that cache, answer
+    its name. Needs no GPU (shmpool.triton_batch targets sm_90 with Triton's own ptxas)."""
+    os.environ.update(extra_env)
+    from shmpool import triton_batch
+
+    return triton_batch.compile_kernel(index).name

@@ -93,3 +93,38 @@ def test_fx_compile_on_a_remote_node_runs_here(ray_installed: Any, ray_cluster: 
     worker_dirs = list(worker_base.glob("worker-*"))
     assert worker_dirs and all(not str(d).startswith(str(caller_cache)) for d in worker_dirs)
     assert not [p for p in worker_base.rglob("*.so")], "job directories were not cleaned up on the worker"
+
+
+def test_a_kernel_compile_on_the_remote_node_fills_the_callers_triton_cache(ray_installed: Any) -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    import rayjobs
+
+    import shmpool._torch_remote as remote
+
+    caller_cache, worker_base = ray_installed
+    caller_triton = caller_cache / "triton"
+    pool = remote.TorchRayPool(1)  # as inductor builds it, on the second node (install's options)
+    try:
+        name = pool.submit(rayjobs.triton_kernel_into_cache, 3, {"TRITON_CACHE_DIR": str(caller_triton)}).result(COMPILE_DEADLINE_S)
+    finally:
+        pool.shutdown()
+    cubins = list(caller_triton.rglob("*.cubin"))
+    assert name and cubins and all(p.read_bytes().startswith(b"\x7fELF") for p in cubins)
+    assert not list(worker_base.rglob("*.cubin")), "the worker kept the job's cache"
+
+
+def test_the_async_compile_pool_is_a_ray_pool_and_answers(ray_installed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    import shmpool._torch_remote as remote
+    import shmpool.torch
+    from shmpool import _torch_compat
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 2)
+    _torch_compat.drop_pools()
+    try:
+        assert type(shmpool.torch.async_compile_pool()) is remote.TorchRayPool
+        _torch_compat.async_compile_wakeup()
+        _torch_compat.async_compile_wait_ready(COMPILE_DEADLINE_S)  # torch's own readiness job
+    finally:
+        _torch_compat.drop_pools()
