@@ -67,6 +67,10 @@ log = logging.getLogger(__name__)
 # or over this we put the payload in the object store ourselves, so we know it is there once.
 INLINE_LIMIT = 100 << 10
 MAX_START_FAILURES = 3  # consecutive actors dying before they are ready: fail the queue
+# Seconds an actor may take from creation to the end of its set-up (scheduling, a runtime_env
+# built, the initializer) before it counts as a failed start. Ray waits forever for resources
+# no node offers; past this the caller hears why instead. Generous: a cluster may autoscale.
+DEFAULT_START_TIMEOUT = 300.0
 JOIN_LIMIT = 30.0  # seconds shutdown(wait=True) waits for the manager's teardown
 # Each worker asks Ray for this much CPU unless actor_options says otherwise: one core per
 # worker, as the local pool's processes take, and what spreads a pool over a cluster's nodes.
@@ -119,11 +123,12 @@ class _Job:
 
 
 class _Actor:
-    __slots__ = ("serial", "handle", "state", "pid", "host", "job")
+    __slots__ = ("serial", "handle", "state", "pid", "host", "job", "start_deadline")
 
-    def __init__(self, serial: int, handle: Any) -> None:
+    def __init__(self, serial: int, handle: Any, start_deadline: float) -> None:
         self.serial = serial
         self.handle = handle
+        self.start_deadline = start_deadline
         self.state = _State.STARTING
         self.pid: int | None = None
         self.host: str | None = None
@@ -181,7 +186,8 @@ class RayPool:
     and ignored: Ray starts the processes and owns the memory), plus ``address`` (None: a
     local Ray; "auto" or "ray://...": a cluster), ``num_cpus`` (of a local Ray) and
     ``actor_options`` (passed to ``.options()`` of every actor: resources, scheduling
-    strategy, ``runtime_env``). ``initializer(*initargs)`` runs once per actor, also in every
+    strategy, ``runtime_env``) and ``start_timeout`` (seconds an actor may take to be
+    scheduled and set up before it counts as a failed start). ``initializer(*initargs)`` runs once per actor, also in every
     replacement; ``env`` is set in each actor's ``os.environ`` before it.
     """
 
@@ -206,6 +212,7 @@ class RayPool:
         address: str | None = None,
         num_cpus: int | None = None,
         actor_options: Mapping[str, Any] | None = None,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
         global _atexit_registered
         if nprocs < 1:
@@ -217,6 +224,7 @@ class RayPool:
         self._quiesce_after = quiesce_after
         self._job_timeout = job_timeout
         self._max_payload = max_payload
+        self._start_timeout = start_timeout
         # Pickled once here, so a pickler or initializer that cannot travel fails now, loudly.
         self._boot = {
             "pickler": pickle.dumps(self.pickler, pickle.HIGHEST_PROTOCOL),
@@ -237,6 +245,7 @@ class RayPool:
         options.update(actor_options or {})
         options.setdefault("max_restarts", 0)  # a dead actor is replaced by us, which knows its job
         self._actor_class = ray.remote(_actor.Worker).options(**options)
+        self._actor_options_text = ", ".join(f"{k}={v!r}" for k, v in options.items() if k != "runtime_env")
 
         self._lock = threading.Lock()
         self._pending: collections.deque[_Job] = collections.deque()  # guarded by _lock
@@ -397,6 +406,7 @@ class RayPool:
 
     def _next_timeout(self) -> float | None:
         deadlines = [w.job.deadline for w in self._actors.values() if w.job is not None and w.job.deadline is not None]
+        deadlines += [w.start_deadline for w in self._actors.values() if w.state is _State.STARTING]
         if self._auto_quiesce and not self._quiesced and self._actors:
             deadlines.append(self._last_activity + self._quiesce_after)
         if not deadlines:
@@ -427,7 +437,7 @@ class RayPool:
             return
         for _ in range(self.nprocs - len(self._actors)):
             serial = next(self._serials)
-            w = _Actor(serial, self._actor_class.remote())
+            w = _Actor(serial, self._actor_class.remote(), time.monotonic() + self._start_timeout)
             with self._lock:
                 self._actors[serial] = w
                 self._stats["workers_started"] += 1
@@ -523,6 +533,15 @@ class RayPool:
 
     def _expire(self, now: float) -> None:
         for w in list(self._actors.values()):
+            if w.state is _State.STARTING and now >= w.start_deadline:
+                with self._lock:
+                    self._start_failures += 1
+                self._start_error = (
+                    f"a Ray actor was not scheduled and set up within {self._start_timeout} s: check that the "
+                    f"cluster offers what actor_options asks for ({self._actor_options_text})"
+                )
+                self._retire(w)
+                continue
             job = w.job
             if job is not None and job.deadline is not None and now >= job.deadline:
                 self._fail(job, JobTimeoutError(

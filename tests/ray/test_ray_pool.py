@@ -17,7 +17,7 @@ pytest.importorskip("ray", reason=SKIP_REASON)
 import corejobs  # noqa: E402
 import rayjobs  # noqa: E402
 from corejobs import RESULT_TIMEOUT  # noqa: E402
-from shmpool import SubprocException, WorkerDiedError  # noqa: E402
+from shmpool import SubprocException, WorkerDiedError, WorkerStartError  # noqa: E402
 from shmpool.ray import RayPool  # noqa: E402
 from shmpool.ray.pool import INLINE_LIMIT  # noqa: E402
 
@@ -97,3 +97,11 @@ def test_shmpool_ray_without_ray_names_the_extra() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, timeout=RESULT_TIMEOUT, capture_output=True, text=True)
     assert "pip install shmpool[ray]" in out.stdout
+
+
+def test_an_actor_no_node_can_host_fails_the_queue_with_the_reason(make_pool: Any) -> None:
+    pool = make_pool(1, actor_options={**TEST_ACTOR_OPTIONS, "resources": {"no_such_resource": 1}}, start_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(WorkerStartError, match="not scheduled and set up within 1.0 s.*no_such_resource"):
+        pool.submit(corejobs.add, 1, 1).result(RESULT_TIMEOUT)
+    assert time.monotonic() - started < RESULT_TIMEOUT
