@@ -1,6 +1,6 @@
 """Time one subprocess FX compile of a frozen model, split into compile and IPC.
 
-    python scripts/fx_ipc_timing.py [--pool shmpool|torch|both] [--reps N] [--width 4096]
+    python scripts/fx_ipc_timing.py [--pool shmpool|torch|ray|both|all] [--reps N] [--width 4096]
 
 A real torch.compile with TORCHINDUCTOR_FX_COMPILE_MODE=subprocess semantics and
 freezing on, so the graph sent to the worker carries every weight (two
@@ -110,6 +110,8 @@ def start_pool(which: str) -> tuple[Any, float]:
     _torch_compat.drop_pools()
     if which == "shmpool":
         shmpool.torch.install()
+    elif which == "ray":  # a local Ray (ray.init(num_cpus=cores)): what the remote path costs
+        shmpool.torch.install(backend="ray")
     else:
         shmpool.torch.uninstall()
     t = time.perf_counter()
@@ -178,16 +180,26 @@ def report(timings: dict[str, list[FxTiming]], startup: dict[str, float]) -> str
             f"IPC torch/shmpool = {median(tt, 'ipc_s') / median(ts, 'ipc_s'):.1f}x "
             f"({median(tt, 'ipc_s') * 1e3:.0f} ms vs {median(ts, 'ipc_s') * 1e3:.0f} ms)"
         )
+    if "ray" in timings:
+        tr = timings["ray"]
+        for other in ("shmpool", "torch"):
+            if other in timings:
+                to = timings[other]
+                lines.append(
+                    f"medians: wall ray/{other} = {median(tr, 'wall_s') / median(to, 'wall_s'):.2f}x; "
+                    f"IPC ray/{other} = {median(tr, 'ipc_s') / median(to, 'ipc_s'):.1f}x "
+                    f"({median(tr, 'ipc_s') * 1e3:.0f} ms vs {median(to, 'ipc_s') * 1e3:.0f} ms)"
+                )
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pool", choices=("shmpool", "torch", "both"), default="both")
+    ap.add_argument("--pool", choices=("shmpool", "torch", "ray", "both", "all"), default="both")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--width", type=int, default=4096)
     args = ap.parse_args()
-    pools = ["torch", "shmpool"] if args.pool == "both" else [args.pool]
+    pools = {"both": ["torch", "shmpool"], "all": ["torch", "shmpool", "ray"]}.get(args.pool, [args.pool])
     timings, startup = measure(pools, args.reps, args.width)
     print(report(timings, startup))
 

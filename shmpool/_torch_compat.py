@@ -160,6 +160,18 @@ def async_compile_pool() -> Any:
     return _import("torch._inductor.async_compile").AsyncCompile.process_pool()
 
 
+def cache_writing_jobs() -> dict[tuple[str, str], int]:
+    """torch's compile jobs that write TORCHINDUCTOR_CACHE_DIR/TRITON_CACHE_DIR for the caller
+    to load, as ``(module, qualname) -> index of their extra_env argument``: what a remote
+    pool must ship back (see `shmpool._torch_remote`). From compile_fx_subproc.py and
+    async_compile.py, which submits the last two from runtime/compile_tasks.py."""
+    return {
+        ("torch._inductor.compile_fx_subproc", "_SubprocessFxCompile._run_in_child_subprocess"): 1,
+        ("torch._inductor.runtime.compile_tasks", "_worker_compile_triton"): 1,
+        ("torch._inductor.runtime.compile_tasks", "_worker_compile_pycodecache_kernel"): 3,
+    }
+
+
 def async_compile_wakeup() -> None:
     """What inductor calls before compiling kernels: start the async pool's workers."""
     _import("torch._inductor.async_compile").AsyncCompile.wakeup()

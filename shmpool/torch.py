@@ -110,18 +110,37 @@ _lock = threading.Lock()
 _saved_globals: dict[str, type] | None = None
 
 
-def install(*, ring_size: int = DEFAULT_TORCH_RING_SIZE) -> None:
-    """Make inductor build shmpool pools from now on. Idempotent; never raises once imported.
+def install(
+    *,
+    ring_size: int = DEFAULT_TORCH_RING_SIZE,
+    backend: str = "local",
+    address: str | None = None,
+    actor_options: dict[str, Any] | None = None,
+) -> None:
+    """Make inductor build shmpool pools from now on. Idempotent; never raises once imported
+    (except ImportError for backend="ray" without the ray extra).
 
     `ring_size` applies to pools built from now on (see DEFAULT_TORCH_RING_SIZE).
+    `backend="ray"` builds them as Ray pools instead (`shmpool._torch_remote`): FX and kernel
+    compiles run on Ray actors at `address` (None: a local Ray; "auto" or "ray://..."), each
+    built with `actor_options`, and what they write to their caches comes back to this one.
     """
     global _saved_globals
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    pool_class: type = TorchSubprocPool
+    if backend == "ray":
+        from shmpool import _torch_remote
+
+        pool_class = _torch_remote.configure(address, actor_options)
     with _lock:
         TorchSubprocPool.ring_size = ring_size
         if _saved_globals is not None:
+            if set(_torch_compat.pool_globals().values()) != {pool_class}:  # the other backend
+                _torch_compat.set_pool_globals({name: pool_class for name in _saved_globals})
             return
         saved = _torch_compat.pool_globals()
-        _torch_compat.set_pool_globals({name: TorchSubprocPool for name in saved})
+        _torch_compat.set_pool_globals({name: pool_class for name in saved})
         _saved_globals = saved
 
 

@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                     help=f"run only this workload (repeatable): {', '.join(workloads.WORKLOADS)}")
     ap.add_argument("--sizes", help="payload sizes, comma separated, e.g. 1K,1M,16M,1G")
     ap.add_argument("--big", help="size of the oneway/numpy/fx-weights payload (default 16M quick, 256M full)")
-    ap.add_argument("--pools", help=f"comma separated subset of {','.join(pools_mod.ALL_POOLS)}")
+    ap.add_argument("--pools", help=f"comma separated subset of {','.join(pools_mod.KNOWN_POOLS)} "
+                                   f"(default: all but {','.join(pools_mod.OPTIONAL_POOLS)})")
     ap.add_argument("--repeat", type=int, help="timed repetitions per case and pool (default 3 quick, 5 full)")
     ap.add_argument("--workers", type=int, default=2, help="workers per pool (default 2)")
     ap.add_argument("--json", metavar="PATH", help="write every raw figure and a machine description here")
@@ -49,8 +50,8 @@ def _config(args) -> dict:
     big = workloads.parse_size(args.big) if args.big else (workloads.FULL_BIG if full else workloads.QUICK_BIG)
     pool_names = [p.strip() for p in args.pools.split(",")] if args.pools else list(pools_mod.ALL_POOLS)
     for p in pool_names:
-        if p not in pools_mod.ALL_POOLS:
-            raise SystemExit(f"shmpool-bench: unknown pool {p!r}; choose from {', '.join(pools_mod.ALL_POOLS)}")
+        if p not in pools_mod.KNOWN_POOLS:
+            raise SystemExit(f"shmpool-bench: unknown pool {p!r}; choose from {', '.join(pools_mod.KNOWN_POOLS)}")
     repeat = args.repeat or DEFAULT_REPEAT[args.mode]
     if repeat < 1 or args.workers < 1:
         raise SystemExit("shmpool-bench: --repeat and --workers must be at least 1")

@@ -26,6 +26,10 @@ from shmpool.bench import jobs
 # ratios are taken against.
 ALL_POOLS = ("shmpool-spawn", "shmpool-fork", "torch-spawn", "ppe-spawn", "mp-pool-spawn")
 BASELINES = ("torch-spawn", "ppe-spawn")
+# Run only when asked for (--pools): shmpool.ray's RayPool on a local Ray started for the run
+# (ray.init takes ~6 s on 2 cores), to show what the remote path costs against the local one.
+OPTIONAL_POOLS = ("shmpool-ray",)
+KNOWN_POOLS = ALL_POOLS + OPTIONAL_POOLS
 
 # torch's pool spawns a sidecar that imports torch before its workers start: ~9 s on 2 busy cores.
 START_TIMEOUT_S = 180.0
@@ -81,6 +85,21 @@ def _make_shmpool(kind: str, workers: int):
     except (ImportError, AttributeError) as e:
         raise PoolUnavailable(f"shmpool core not importable ({e})") from e
     return pool_cls(workers, kind=kinds(kind))
+
+
+def _connect_ray(workers: int) -> None:
+    """Start (or join) this process's Ray before the pool is timed: the cluster is not the pool."""
+    try:
+        import shmpool.ray
+    except ImportError as e:
+        raise PoolUnavailable(f"{e}") from e
+    shmpool.ray.connect(num_cpus=max(workers, os.cpu_count() or 1), log_to_driver=False)
+
+
+def _make_ray(workers: int):
+    from shmpool.ray import RayPool
+
+    return RayPool(workers)
 
 
 def _make_torch(workers: int):
@@ -141,11 +160,13 @@ class PoolUnderTest:
             return (lambda: _make_shmpool("fork", n)), _shutdown_default
         if self.name == "torch-spawn":
             return (lambda: _make_torch(n)), _shutdown_default
+        if self.name == "shmpool-ray":
+            return (lambda: _make_ray(n)), _shutdown_default
         if self.name == "ppe-spawn":
             return (lambda: _make_ppe(n)), _shutdown_ppe
         if self.name == "mp-pool-spawn":
             return (lambda: _make_mp_pool(n)), _shutdown_mp_pool
-        raise ValueError(f"unknown pool {self.name!r}; choose from {', '.join(ALL_POOLS)}")
+        raise ValueError(f"unknown pool {self.name!r}; choose from {', '.join(KNOWN_POOLS)}")
 
     def start(self) -> None:
         """Build the pool and run one warm-up job on every worker; records ``startup_s``.
@@ -153,6 +174,12 @@ class PoolUnderTest:
         Raises PoolUnavailable when the library is missing (and remembers it).
         """
         make, _ = self._factory()
+        if self.name == "shmpool-ray":
+            try:
+                _connect_ray(self.workers)
+            except PoolUnavailable as e:
+                self.unavailable = str(e)
+                raise
         before = _children()
         t0 = time.perf_counter()
         try:
@@ -167,7 +194,9 @@ class PoolUnderTest:
             self.close()
             raise
         self.startup_s = time.perf_counter() - t0
-        self.owned_pids = _children() - before
+        # Ray's raylet starts the actors (and spare workers of its own): shutdown() kills the
+        # pool's actors through Ray; killing Ray's processes by pid would break Ray instead.
+        self.owned_pids = set() if self.name == "shmpool-ray" else _children() - before
 
     def warm(self, modules: tuple[str, ...], timeout: float = START_TIMEOUT_S) -> None:
         """Import ``modules`` in every worker (best effort: jobs go where the pool sends them)."""
