@@ -47,14 +47,16 @@ class _Sink:
     __slots__ = ("chunks", "nbytes")
 
     def __init__(self) -> None:
-        self.chunks: list[memoryview] = []
+        self.chunks: list[bytes | memoryview] = []
         self.nbytes = 0
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-        self.chunks.append(view)
-        self.nbytes += view.nbytes
-        return view.nbytes
+        if type(data) is not bytes:  # (the usual case is bytes: frames, and big bytes objects)
+            data = memoryview(data).cast("B")
+        self.chunks.append(data)
+        n = len(data)
+        self.nbytes += n
+        return n
 
 
 class Parts:
@@ -62,7 +64,7 @@ class Parts:
 
     __slots__ = ("chunks", "buffers", "stream_len", "offsets", "size")
 
-    def __init__(self, chunks: list[memoryview], stream_len: int, buffers: list[memoryview]) -> None:
+    def __init__(self, chunks: list[bytes | memoryview], stream_len: int, buffers: list[memoryview]) -> None:
         self.chunks = chunks
         self.buffers = buffers
         self.stream_len = stream_len
@@ -82,7 +84,7 @@ class Parts:
     def mutable(self) -> bool:
         """Whether the caller could still change these bytes: any piece that is not a ``bytes``
         object (a bytearray, an array, any out-of-band buffer)."""
-        return bool(self.buffers) or any(type(c.obj) is not bytes for c in self.chunks)
+        return bool(self.buffers) or any(type(c) is not bytes and type(c.obj) is not bytes for c in self.chunks)
 
     def write_into(self, dst: memoryview) -> None:
         """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
@@ -92,7 +94,7 @@ class Parts:
             _ENTRY.pack_into(dst, pos, off, buf.nbytes)
             pos += _ENTRY.size
         for chunk in self.chunks:
-            n = chunk.nbytes
+            n = len(chunk)  # bytes, or a memoryview cast to bytes
             dst[pos : pos + n] = chunk
             pos += n
         for off, buf in zip(self.offsets, self.buffers):
@@ -152,8 +154,8 @@ def dump(obj: object, pickler: SubprocPickler) -> Parts:
         buffers: list[memoryview] = []
         pickler.make_pickler(sink, lambda b: buffers.append(_raw(b))).dump(obj)
         return Parts(sink.chunks, sink.nbytes, buffers)
-    data = memoryview(pickler.dumps(obj))
-    return Parts([data], data.nbytes, [])
+    data = pickler.dumps(obj)
+    return Parts([data], len(data), [])
 
 
 def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> tuple[object, bool]:

@@ -28,7 +28,7 @@ from .shm import SharedMemoryError
 # its next job the moment it sends a result instead of idling through our wake-up. Long jobs
 # are never stacked: a job placed behind a slow one would wait while another worker sits idle.
 PIPELINE_DEPTH = 1
-SHORT_JOB_PIPELINE_DEPTH = 16
+SHORT_JOB_PIPELINE_DEPTH = 64
 SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
 JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
 # A job that must wait keeps a private copy of its bytes (the caller may change its arrays
@@ -84,6 +84,7 @@ class PoolCore:
         self.remote_error_class = remote_error_class
         self._zero_copy = zero_copy
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []
+        self._unsent: list[tuple[Worker, list[bytes]]] = []  # dispatcher only: see place_pending
         self.wake: Callable[[], None] = lambda: None  # the dispatcher's; set when it starts
 
     # ------------------------------------------------------------ resolving, under lock
@@ -110,18 +111,22 @@ class PoolCore:
 
     # ------------------------------------------------------------ placing, under lock
 
-    def place_pending(self, now: float) -> None:
+    def place_pending(self, now: float, *, send_later: bool = False) -> None:
         """Put queued jobs into ready workers' request rings, oldest first. The headers for
-        one worker go out as one message (one wake-up for all of them)."""
+        one worker go out as one message (one wake-up for all of them): at once, or with
+        ``send_later`` (the dispatcher) by ``send_placed`` once the lock is released, so that
+        callers are not kept waiting on the lock through the sends. Callers then place only
+        behind the unsent ones (``_unsent`` workers count as full), keeping each worker's
+        headers in ring order."""
         if not self.pending or self.closing:
             return
         if interruptible():
             with deferred_interrupt():
-                self._place_pending(now)
+                self._place_pending(now, send_later)
         else:
-            self._place_pending(now)
+            self._place_pending(now, send_later)
 
-    def _place_pending(self, now: float) -> None:
+    def _place_pending(self, now: float, send_later: bool) -> None:
         full: set[int] = set()
         batches: dict[int, tuple[Worker, list[bytes]]] = {}
         pending = self.pending
@@ -136,16 +141,39 @@ class PoolCore:
                 else:
                     pending.popleft()
         finally:
-            for w, batch in batches.values():
-                self._send(w, batch)
+            if send_later:
+                for w, batch in batches.values():
+                    if batch:
+                        w.unsent = True
+                        self._unsent.append((w, batch))
+            else:
+                for w, batch in batches.values():
+                    self._send(w, batch)
+
+    def send_placed(self) -> None:
+        """Send the headers ``place_pending(send_later=True)`` gathered. Call without the lock."""
+        while self._unsent:
+            w, batch = self._unsent.pop(0)
+            try:
+                w.endpoint.send_batch(batch)
+            except OSError:
+                with self.lock:
+                    self._socket_broke(w)
+            w.unsent = False
 
     def _send(self, w: Worker, batch: list[bytes]) -> None:
         try:
             w.endpoint.send_batch(batch)
         except OSError:
-            # It is dying. Its jobs stay its own until its exit, which puts back the ones it
-            # never took (their bytes are in its ring); make that exit come now.
-            self.retire(w, "its socket broke while jobs were being placed", time.monotonic())
+            self._socket_broke(w)
+
+    def _socket_broke(self, w: Worker) -> None:
+        # It is dying. Its jobs stay its own until its exit, which puts back the ones it
+        # never took (their bytes are in its ring); make that exit come now.
+        self.retire(w, "its socket broke while jobs were being placed", time.monotonic())
+
+    def inflight_count(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
 
     def pick_worker(self, waiting: int, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
         """The ready worker with the fewest jobs, if one has room for another given that
@@ -156,7 +184,7 @@ class PoolCore:
         fewest = depth
         for w in self.workers.values():
             n = len(w.inflight)
-            if n < fewest and w.state is WorkerState.READY and w.serial not in full:
+            if n < fewest and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
                 best, fewest = w, n
         return best
 
@@ -199,8 +227,7 @@ class PoolCore:
         try:
             w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement, 0, batch)
         except OSError:
-            # It is dying: the job is put back when it exits, which we make come now.
-            self.retire(w, "its socket broke while a job was being placed", time.monotonic())
+            self._socket_broke(w)  # the job is put back when it exits
 
     def _count_placed(self, payload: Parts | Frozen, placement: Placement) -> None:
         size = placement.size

@@ -147,7 +147,8 @@ class Dispatcher:
                     now = time.monotonic()
                     self._expire(now)
                     self._top_up(now)
-                    core.place_pending(now)
+                    core.place_pending(now, send_later=True)
+                core.send_placed()
                 core.flush()
         except BaseException:
             log.exception("shmpool dispatcher failed; failing every job")
@@ -382,7 +383,8 @@ class Dispatcher:
                     broken = broken or f"reply for job {header.job_id}, which that worker was not running"
                     for fd in its_fds:
                         os.close(fd)
-            core.place_pending(now)
+            core.place_pending(now, send_later=True)
+        core.send_placed()
         outcomes: list[tuple[Job, wire.Header, Any, BaseException | None]] = []
         for job, header, its_fds in taken:
             if broken is not None:  # after a bad region nothing behind it can be trusted
@@ -448,7 +450,8 @@ class Dispatcher:
                 self._start_failures = 0
                 for name in w.sem_names:
                     unlink_semaphore(name)  # the worker did already; this covers a kill in between
-                core.place_pending(time.monotonic())
+                core.place_pending(time.monotonic(), send_later=True)
+            core.send_placed()
         elif kind == wire.MsgKind.ACK:
             with core.lock:
                 for job in w.inflight:

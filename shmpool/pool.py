@@ -221,10 +221,10 @@ class SubprocPool:
             was_quiesced, core.quiesced = core.quiesced, False
             placed = False
             if not core.pending:
-                # Straight into an idle worker's ring. A busy worker's next jobs are placed by
-                # the dispatcher when its replies come, many to a message.
-                w = core.pick_worker(1)
-                placed = w is not None and not w.inflight and core.place(w, job, now) is not None
+                # Straight into a worker's ring; under a stream of short jobs, behind others
+                # (core.SHORT_JOB_PIPELINE_DEPTH), so a worker finds its next job waiting.
+                w = core.pick_worker(1 + core.inflight_count())
+                placed = w is not None and core.place(w, job, now) is not None
             if placed and (was_quiesced or job_timeout is not None):
                 self._dispatcher.wake()  # restart workers / watch the deadline
         if not placed:

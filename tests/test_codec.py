@@ -37,7 +37,7 @@ def test_round_trip(pickler: SubprocPickler) -> None:
 def test_large_bytes_are_held_by_reference_not_copied() -> None:
     payload = b"y" * (1 << 20)
     parts = dump(payload, SubprocPickler())
-    assert any(chunk.obj is payload for chunk in parts.chunks)  # the pickler handed us the object itself
+    assert any(chunk is payload for chunk in parts.chunks)  # the pickler handed us the object itself
     assert parts.stream_len < len(payload) + 64
 
 

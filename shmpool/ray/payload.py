@@ -37,7 +37,7 @@ def to_wire(parts: Parts) -> Wire:
     chunks: list[Any] = []
     small: list[memoryview] = []
     for chunk in parts.chunks:
-        if chunk.nbytes >= OOB_CHUNK:
+        if len(chunk) >= OOB_CHUNK:
             if small:
                 chunks.append(b"".join(small))
                 small = []
