@@ -57,6 +57,7 @@ class RingWriter:
         self.head = 0
         self.tail = 0
         self._outstanding: collections.deque[int] = collections.deque()  # region ends, FIFO
+        self._newest_start: int | None = None  # start of the region handed out last, until taken back
 
     def _collect(self) -> None:
         while self._outstanding:
@@ -85,15 +86,17 @@ class RingWriter:
             return None
         self.head = start + size
         self._outstanding.append(self.head)
+        self._newest_start = start
         return start
 
     def unreserve(self, start: int) -> None:
         """Take back the newest region, which was reserved at ``start`` but never announced
         (its writer was interrupted): the ring is as if it had never been handed out."""
-        if not self._outstanding or self._outstanding[-1] != self.head:
+        if not self._outstanding or self._outstanding[-1] != self.head or start != self._newest_start:
             raise RingError("only the newest region can be taken back")
         self._outstanding.pop()
         self.head = start
+        self._newest_start = None
 
     def reserve(self, size: int, wait_step: float, still_wanted: Callable[[], bool]) -> int | None:
         """Block until ``size`` bytes are free. Wakes every ``wait_step`` seconds to ask

@@ -90,3 +90,32 @@ def test_semaphores_are_private_and_unguessable() -> None:
     finally:
         unlink_semaphore(a)
         sem.close()
+
+
+def test_reader_accepts_a_rewound_region_while_it_still_holds_one(ring) -> None:
+    """After the ring empties the writer rewinds to the warm front, skipping the rest of the lap;
+    a reader that takes several headers at once (a batch) holds the region before the rewind
+    while it reads the one after. Failed on the reader that measured from the last freed end."""
+    writer, reader = ring
+    first = writer.try_reserve(21)
+    reader.view(first, 21)
+    reader.free()
+    second = writer.try_reserve(21)  # empty: rewinds to the next lap's offset 0
+    assert second == CAPACITY
+    third = writer.try_reserve(21)
+    reader.view(second, 21)
+    reader.view(third, 21)  # two unfreed, the older one at the lap's start
+    reader.free()
+    reader.free()
+
+
+def test_unreserve_takes_back_only_the_newest_region(ring) -> None:
+    """A writer interrupted between reserving and announcing gives its region back; the ring is
+    as if it had never been handed out (a caller's KeyboardInterrupt mid-copy, issue 9 #2)."""
+    writer, reader = ring
+    a = writer.try_reserve(1000)
+    b = writer.try_reserve(1000)
+    with pytest.raises(RingError):
+        writer.unreserve(a)
+    writer.unreserve(b)
+    assert writer.try_reserve(3096) == b  # all but a's 1000 bytes are free again, from b on
