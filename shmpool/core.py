@@ -153,13 +153,17 @@ class PoolCore:
     def send_placed(self) -> None:
         """Send the headers ``place_pending(send_later=True)`` gathered. Call without the lock."""
         while self._unsent:
-            w, batch = self._unsent.pop(0)
-            try:
-                w.endpoint.send_batch(batch)
-            except OSError:
-                with self.lock:
-                    self._socket_broke(w)
-            w.unsent = False
+            self.send_now(*self._unsent.pop(0))
+
+    def send_now(self, w: Worker, batch: list[bytes]) -> None:
+        """Send headers placed on ``w`` under the lock, now that it is released (``w.unsent``
+        kept other placers off ``w`` meanwhile)."""
+        try:
+            w.endpoint.send_batch(batch)
+        except OSError:
+            with self.lock:
+                self._socket_broke(w)
+        w.unsent = False
 
     def _send(self, w: Worker, batch: list[bytes]) -> None:
         try:

@@ -47,7 +47,8 @@ from .codec import dump
 from .core import PoolCore, PoolStats, settle
 from .dispatcher import JOIN_LIMIT, Dispatcher
 from .errors import PayloadTooLargeError, SubprocException
-from .lifecycle import Job, JobState, WorkerState
+from .interrupts import deferred_interrupt, interruptible
+from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
 from .shm import sweep_stale
 
@@ -214,19 +215,12 @@ class SubprocPool:
         job_timeout = timeout if timeout is not None else self._job_timeout
         job = Job(next(self._job_ids), Future(), parts, job_timeout, _describe(job_fn))
         core = self._core
-        with core.lock:
-            self._check_usable()
-            core.counts["jobs_submitted"] += 1
-            now = core.last_activity = time.monotonic()
-            was_quiesced, core.quiesced = core.quiesced, False
-            placed = False
-            if not core.pending:
-                # Straight into a worker's ring; under a stream of short jobs, behind others
-                # (core.SHORT_JOB_PIPELINE_DEPTH), so a worker finds its next job waiting.
-                w = core.pick_worker(1 + core.inflight_count())
-                placed = w is not None and core.place(w, job, now) is not None
-            if placed and (was_quiesced or job_timeout is not None):
-                self._dispatcher.wake()  # restart workers / watch the deadline
+        if interruptible():
+            with deferred_interrupt():  # placed and announced together, or not at all
+                placed, was_quiesced = self._place_at_once(job)
+        else:
+            placed, was_quiesced = self._place_at_once(job)
+        now = core.last_activity
         if not placed:
             # No room now: keep a private copy (outside the lock: it may be big), then queue.
             job.payload = core.frozen(parts)
@@ -237,10 +231,32 @@ class SubprocPool:
                 core.enqueue(job)
                 core.place_pending(now)
                 self._dispatcher.reset_start_failures(unless_live=True)
-                if was_quiesced or job_timeout is not None or self._dispatcher.short_handed:
+                if was_quiesced or job.timeout is not None or self._dispatcher.short_handed:
                     self._dispatcher.wake()
         core.flush()
         return job.future
+
+    def _place_at_once(self, job: Job) -> tuple[bool, bool]:
+        """Put ``job`` straight into a worker's ring if one has room (under a stream of short
+        jobs, behind others: core.SHORT_JOB_PIPELINE_DEPTH, so a worker finds its next job
+        waiting). Its header is sent once the lock is released, so the dispatcher is not held
+        up by the send; the worker counts as full until then, which keeps its headers in order."""
+        core = self._core
+        header: list[bytes] = []
+        with core.lock:
+            self._check_usable()
+            core.counts["jobs_submitted"] += 1
+            now = core.last_activity = time.monotonic()
+            was_quiesced, core.quiesced = core.quiesced, False
+            w = None if core.pending else core.pick_worker(1 + core.inflight_count())
+            placed = w is not None and core.place(w, job, now, header) is not None
+            if header:
+                w.unsent = True  # type: ignore[union-attr]
+            if placed and (was_quiesced or job.timeout is not None):
+                self._dispatcher.wake()  # restart workers / watch the deadline
+        if header:
+            core.send_now(w, header)  # type: ignore[arg-type]
+        return placed, was_quiesced
 
     def quiesce(self) -> None:
         """Stop the workers to give their memory back; the next job or ``wakeup()`` restarts them."""

@@ -10,9 +10,9 @@ Invariants (one ring per direction per worker, so each side has exactly one writ
     simply never posts; its rings die with it (each worker has its own).
   * The producer learns what was freed by draining ``freed``; each unit pops the oldest
     outstanding region, so ``tail`` is the end of that region (padding included).
-  * When nothing is outstanding the next region starts again at physical offset 0: the front
-    of the buffer stays faulted in and hot in cache, instead of every payload walking onto
-    fresh pages until the ring wraps.
+  * When nothing is outstanding the next region of REWIND_BYTES or more starts again at
+    physical offset 0: the front of the buffer stays faulted in and hot in cache, instead of
+    every payload walking onto fresh pages until the ring wraps.
 
 Who wakes a producer that found the ring full (nothing here ever polls):
   * Request ring (parent -> worker). The parent never blocks on it: a job that does not fit
@@ -33,6 +33,14 @@ from collections.abc import Callable
 import posix_ipc
 
 from .shm import Segment
+
+
+_HAS_VALUE = bool(posix_ipc.SEMAPHORE_VALUE_SUPPORTED)  # sem_getvalue: Linux, not macOS
+# A writer learns of freed regions when it must: when a region does not fit without them, when
+# it is big enough that rewinding to the warm front pays (small ones may walk on), and every
+# so many regions, to keep its list of outstanding ones short.
+REWIND_BYTES = 64 << 10
+COLLECT_EVERY = 64
 
 
 class RingError(RuntimeError):
@@ -60,7 +68,10 @@ class RingWriter:
         self._newest_start: int | None = None  # start of the region handed out last, until taken back
 
     def _collect(self) -> None:
-        while self._outstanding:
+        # Read the count first: a failed try-acquire costs an exception, and this runs for
+        # every region handed out.
+        posted = self.freed.value if _HAS_VALUE else len(self._outstanding)
+        for _ in range(min(posted, len(self._outstanding))):
             try:
                 self.freed.acquire(0)
             except posix_ipc.BusyError:
@@ -74,7 +85,8 @@ class RingWriter:
         """Reserve ``size`` contiguous bytes; return their position, or None if full right now."""
         if not self.fits(size):
             raise ValueError(f"region of {size} bytes does not fit a ring of {self.capacity}")
-        self._collect()
+        if size >= REWIND_BYTES or len(self._outstanding) >= COLLECT_EVERY or not self._room_for(size):
+            self._collect()
         pos = self.head % self.capacity
         if not self._outstanding:
             pad = (self.capacity - pos) % self.capacity  # empty: rewind to the warm front
@@ -88,6 +100,13 @@ class RingWriter:
         self._outstanding.append(self.head)
         self._newest_start = start
         return start
+
+    def _room_for(self, size: int) -> bool:
+        """Whether ``size`` fits after what is outstanding as we last knew it (without asking
+        the semaphore, which releases the GIL and costs more than a small copy)."""
+        pos = self.head % self.capacity
+        pad = self.capacity - pos if pos + size > self.capacity else 0
+        return self.head + pad + size - self.tail <= self.capacity
 
     def unreserve(self, start: int) -> None:
         """Take back the newest region, which was reserved at ``start`` but never announced

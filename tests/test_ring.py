@@ -100,6 +100,7 @@ def test_reader_accepts_a_rewound_region_while_it_still_holds_one(ring) -> None:
     first = writer.try_reserve(21)
     reader.view(first, 21)
     reader.free()
+    assert writer.idle  # (learns of the free)
     second = writer.try_reserve(21)  # empty: rewinds to the next lap's offset 0
     assert second == CAPACITY
     third = writer.try_reserve(21)
