@@ -195,7 +195,9 @@ class PoolCore:
     def place(self, w: Worker, job: Job, now: float, batch: list[bytes] | None = None) -> bool | None:
         """Try to put ``job`` on ``w``: True when placed (its header sent, or added to
         ``batch`` for the caller to send), False when the job failed here (it is resolved),
-        None when it did not fit (try elsewhere)."""
+        None when it did not fit (try elsewhere). Callers hold Ctrl-C back around it and the
+        sending of ``batch`` (interrupts.py): noting the job as ``w``'s and announcing it
+        happen together or not at all."""
         payload = job.payload
         assert payload is not None and job.state is JobState.QUEUED
         if not job.running:
@@ -210,11 +212,7 @@ class PoolCore:
             return False
         if placement is None:
             return None
-        if interruptible():
-            with deferred_interrupt():  # noted as w's and announced, together or not at all
-                self._commit(w, job, placement, batch)
-        else:
-            self._commit(w, job, placement, batch)
+        self._commit(w, job, placement, batch)
         if len(w.inflight) == 1:
             self.job_starts(job, now)
         self._count_placed(payload, placement)
