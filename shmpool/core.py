@@ -111,43 +111,48 @@ class PoolCore:
 
     # ------------------------------------------------------------ placing, under lock
 
-    def place_pending(self, now: float, *, send_later: bool = False) -> None:
+    def place_pending(self, now: float, *, send_later: bool = False, answered: Worker | None = None) -> None:
         """Put queued jobs into ready workers' request rings, oldest first. The headers for
-        one worker go out as one message (one wake-up for all of them): at once, or with
-        ``send_later`` (the dispatcher) by ``send_placed`` once the lock is released, so that
-        callers are not kept waiting on the lock through the sends. Callers then place only
-        behind the unsent ones (``_unsent`` workers count as full), keeping each worker's
-        headers in ring order."""
-        if not self.pending or self.closing:
-            return
+        one worker go out as one message (one wake-up for all of them), behind the ones
+        callers deferred for ``answered`` (the worker whose replies the dispatcher just read):
+        at once, or with ``send_later`` (the dispatcher) by ``send_placed`` once the lock is
+        released, so callers are not kept waiting on the lock through the sends (``w.unsent``
+        keeps other placers off such a worker meanwhile, so its headers stay in ring order)."""
         if interruptible():
             with deferred_interrupt():
-                self._place_pending(now, send_later)
+                self._place_pending(now, send_later, answered)
         else:
-            self._place_pending(now, send_later)
+            self._place_pending(now, send_later, answered)
 
-    def _place_pending(self, now: float, send_later: bool) -> None:
+    def _place_pending(self, now: float, send_later: bool, answered: Worker | None) -> None:
         full: set[int] = set()
         batches: dict[int, tuple[Worker, list[bytes]]] = {}
+        if answered is not None and answered.deferred:
+            batches[answered.serial] = (answered, answered.deferred)
+            answered.deferred = []
         pending = self.pending
         try:
             while pending and not self.closing:
                 w = self.pick_worker(len(pending), full)
                 if w is None:
                     return
-                batch = batches.setdefault(w.serial, (w, []))[1]
+                entry = batches.get(w.serial)
+                if entry is None:  # its deferred headers go first
+                    entry = batches[w.serial] = (w, w.deferred)
+                    w.deferred = []
+                batch = entry[1]
                 if self.place(w, pending[0], now, batch) is None:
                     full.add(w.serial)  # its ring is busy until its next reply
                 else:
                     pending.popleft()
         finally:
-            if send_later:
-                for w, batch in batches.values():
-                    if batch:
-                        w.unsent = True
-                        self._unsent.append((w, batch))
-            else:
-                for w, batch in batches.values():
+            for w, batch in batches.values():
+                if not batch:
+                    continue
+                if send_later:
+                    w.unsent = True
+                    self._unsent.append((w, batch))
+                else:
                     self._send(w, batch)
 
     def send_placed(self) -> None:

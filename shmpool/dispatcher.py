@@ -383,7 +383,7 @@ class Dispatcher:
                     broken = broken or f"reply for job {header.job_id}, which that worker was not running"
                     for fd in its_fds:
                         os.close(fd)
-            core.place_pending(now, send_later=True)
+            core.place_pending(now, send_later=True, answered=w)
         core.send_placed()
         outcomes: list[tuple[Job, wire.Header, Any, BaseException | None]] = []
         for job, header, its_fds in taken:
@@ -574,6 +574,7 @@ class Dispatcher:
         cut = ids.index(taken) + 1 if taken in ids else 0
         running, untaken = list(w.inflight)[:cut], list(w.inflight)[cut:]
         w.inflight.clear()
+        w.deferred = []  # headers of jobs it will never see: they are put back below
         exitcode = w.exitcode if w.status_known else None
         for job in running:
             why = f"job {job.desc}" + (f" ({w.retire_reason})" if w.retire_reason.startswith("protocol") else "")

@@ -94,7 +94,7 @@ class Worker:
 
     __slots__ = (
         "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
-        "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent",
+        "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
@@ -114,7 +114,10 @@ class Worker:
         self.retire_reason = ""  # why it takes no jobs: named in the error of a job it dies with
         self.expected_exit = False  # we asked it to go (QUIT, RECYCLE, timeout, shutdown)
         self.was_ready = False  # it got as far as READY (else its death is a failed start)
-        self.unsent = False  # the dispatcher placed jobs on it whose headers it is about to send
+        self.unsent = False  # headers placed under the lock are being sent outside it: place none behind
+        # Headers of jobs callers placed behind its running ones. The dispatcher sends them with
+        # its next placements, after the worker's next reply: a busy worker needs no wake-up.
+        self.deferred: list[bytes] = []
 
     @property
     def live(self) -> bool:

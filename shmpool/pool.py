@@ -249,7 +249,12 @@ class SubprocPool:
             now = core.last_activity = time.monotonic()
             was_quiesced, core.quiesced = core.quiesced, False
             w = None if core.pending else core.pick_worker(1 + core.inflight_count())
-            placed = w is not None and core.place(w, job, now, header) is not None
+            # A busy worker's header waits for its next reply (the dispatcher sends it then):
+            # no wake-up of a worker that is busy anyway, no send that stalls this thread.
+            if w is not None and w.inflight:
+                placed = core.place(w, job, now, w.deferred) is not None
+            else:
+                placed = w is not None and core.place(w, job, now, header) is not None
             if header:
                 w.unsent = True  # type: ignore[union-attr]
             if placed and (was_quiesced or job.timeout is not None):

@@ -96,6 +96,7 @@ class Worker:
         self._held: list[bytes] = []  # reply headers written but not yet sent
         self._held_since = 0.0
         self._job_started = 0.0
+        self._eof = False  # the parent closed its end (seen while looking ahead)
 
     def _parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
@@ -234,7 +235,7 @@ class Worker:
         hold = (
             placement.oneoff is None
             and not flags
-            and bool(self._backlog)
+            and self._more_queued()
             and len(self._held) < wire.MAX_BATCH - 1
             and time.monotonic() - self._job_started < REPLY_HOLD_SECONDS
         )
@@ -248,6 +249,20 @@ class Worker:
         if not hold:
             self._send_held()
         return flags
+
+    def _more_queued(self) -> bool:
+        """Whether another job is waiting for us: in hand, or in the socket already."""
+        if not self._backlog and not self._eof:
+            try:
+                got = recv_headers(self.sock, block=False)
+            except BlockingIOError:
+                return False
+            if got is None:
+                self._eof = True
+                return False
+            headers, fds = got
+            self._backlog.extend((h, fds if i == 0 else []) for i, h in enumerate(headers))
+        return bool(self._backlog)
 
     def _stage(self, answer: Parts) -> Any:
         """Place a reply in the response ring; if it is full, send the held headers first: the
@@ -268,6 +283,8 @@ class Worker:
         """The next header to act on; None when the parent is gone. Held replies go out
         before we block."""
         if not self._backlog:
+            if self._eof:
+                return None
             got = None
             if self._held:
                 try:
