@@ -181,21 +181,25 @@ class PoolCore:
         # never took (their bytes are in its ring); make that exit come now.
         self.retire(w, "its socket broke while jobs were being placed", time.monotonic())
 
-    def inflight_count(self) -> int:
-        return sum(len(w.inflight) for w in self.workers.values())
-
-    def pick_worker(self, waiting: int, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
+    def pick_worker(self, waiting: int | None = None, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
         """The ready worker with the fewest jobs, if one has room for another given that
-        ``waiting`` jobs wait (see SHORT_JOB_PIPELINE_DEPTH)."""
-        short = waiting > len(self.workers) and self.job_seconds < SHORT_JOB_SECONDS
-        depth = SHORT_JOB_PIPELINE_DEPTH if short else PIPELINE_DEPTH
+        ``waiting`` jobs wait (None: one new job plus every job placed already). Up to
+        SHORT_JOB_PIPELINE_DEPTH ride in one worker while more jobs wait than there are
+        workers and jobs are short, else one."""
         best: Worker | None = None
-        fewest = depth
+        fewest = 1 << 30
+        placed = 0
         for w in self.workers.values():
             n = len(w.inflight)
+            placed += n
             if n < fewest and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
                 best, fewest = w, n
-        return best
+        if best is None:
+            return None
+        if waiting is None:
+            waiting = placed + 1
+        short = waiting > len(self.workers) and self.job_seconds < SHORT_JOB_SECONDS
+        return best if fewest < (SHORT_JOB_PIPELINE_DEPTH if short else PIPELINE_DEPTH) else None
 
     def place(self, w: Worker, job: Job, now: float, batch: list[bytes] | None = None) -> bool | None:
         """Try to put ``job`` on ``w``: True when placed (its header sent, or added to

@@ -248,7 +248,7 @@ class SubprocPool:
             core.counts["jobs_submitted"] += 1
             now = core.last_activity = time.monotonic()
             was_quiesced, core.quiesced = core.quiesced, False
-            w = None if core.pending else core.pick_worker(1 + core.inflight_count())
+            w = None if core.pending else core.pick_worker()
             # A busy worker's header waits for its next reply (the dispatcher sends it then):
             # no wake-up of a worker that is busy anyway, no send that stalls this thread.
             if w is not None and w.inflight:
