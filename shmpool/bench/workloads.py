@@ -192,15 +192,15 @@ def throughput_cases(njobs: int = THROUGHPUT_JOBS) -> list[Case]:
 
 # ---------------------------------------------------------------- triton
 def _triton_batch():
-    """shmpool.triton_batch (written alongside, issue 3) or None with the reason."""
+    """shmpool.bench.triton_batch, or None with the reason it cannot run here."""
     if importlib.util.find_spec("triton") is None:
         return None, "triton not installed"
     try:
-        from shmpool import triton_batch
+        from shmpool.bench import triton_batch
     except ImportError as e:
-        return None, f"shmpool.triton_batch not importable yet ({e})"
+        return None, f"shmpool.bench.triton_batch not importable yet ({e})"
     if not hasattr(triton_batch, "compile_batch"):
-        return None, "shmpool.triton_batch has no compile_batch(pool, n)"
+        return None, "shmpool.bench.triton_batch has no compile_batch(pool, n)"
     return triton_batch, None
 
 

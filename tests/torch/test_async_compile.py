@@ -18,7 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import shmpool.torch  # noqa: E402
-from shmpool import _torch_compat, triton_batch  # noqa: E402
+from shmpool import _torch_compat  # noqa: E402
+from shmpool.bench import triton_batch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
