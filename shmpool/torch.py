@@ -17,9 +17,8 @@ first does what torch's sidecar does before it forks (imports inductor, runs
 torch sends its workers' (`worker_suppress_logging`, TORCHINDUCTOR_WORKER_LOGPATH). A job
 that raises fails with `TorchSubprocException`, which is torch's SubprocException too, so
 inductor's `except SubprocException as e: raise e.with_name(kernel_name)` still names the
-kernel. Only pools
-built after `install()` are ours: a pool torch already built is shut down and
-rebuilt on next use, so install before compiling. `uninstall()` gives torch its
+kernel. Only pools built after `install()` are ours: a pool torch already built is shut
+down and rebuilt on next use, so install before compiling. `uninstall()` gives torch its
 own class back the same way.
 
 All use of torch private names lives in `shmpool._torch_compat`.
@@ -75,7 +74,7 @@ class TorchSubprocException(SubprocException, _torch_compat.torch_subproc_except
     inductor's async_compile catches torch's class around every kernel future and re-raises
     `e.with_name(kernel_name)`; shmpool callers catch shmpool's. Message, `details` and
     `name` are laid out as in both (torch's format: "An exception occurred in a
-    subprocess:\n\nName={name}\n{details}"); `name` starts as the job's exception class
+    subprocess:\\n\\nName={name}\\n{details}"); `name` starts as the job's exception class
     name (torch's pool says "<unknown>" there) and `with_name()` replaces it, keeping this
     class. Pickles as shmpool's (details, name).
     """

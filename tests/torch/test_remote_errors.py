@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,12 +86,9 @@ def test_plain_shmpool_pool_raises_plain_shmpool_exception() -> None:
 
 @pytest.fixture
 def async_subprocess_pool(
-    shm_installed: Any, fresh_inductor: Path, monkeypatch: pytest.MonkeyPatch
+    shm_installed: Any, fresh_inductor: Path, inductor_patch: Callable[..., None]
 ) -> Any:
-    import torch._inductor.config as inductor_config
-
-    monkeypatch.setattr(inductor_config, "worker_start_method", "subprocess")
-    monkeypatch.setattr(inductor_config, "compile_threads", 2)
+    inductor_patch(worker_start_method="subprocess", compile_threads=2)
     yield shm_installed
     _torch_compat.drop_pools()
     shm_installed.install()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,9 @@ def _run_shout(kind: shmpool.SubprocKind) -> str:
 
 
 @pytest.fixture
-def log_config(fresh_inductor: Path, monkeypatch: pytest.MonkeyPatch):
-    import torch._inductor.config as inductor_config
-
+def log_config(fresh_inductor: Path, inductor_patch: Callable[..., None]) -> Callable[[bool, str], None]:
     def set_config(suppress: bool, path: str) -> None:
-        monkeypatch.setattr(inductor_config, "worker_suppress_logging", suppress)
-        monkeypatch.setattr(inductor_config, "torchinductor_worker_logpath", path)
+        inductor_patch(worker_suppress_logging=suppress, torchinductor_worker_logpath=path)
 
     return set_config
 
