@@ -103,3 +103,18 @@ def test_stored_floors_file_is_valid():
     floors = json.load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "floors.json")))["floors"]
     # every floor sits under the lowest ratio actually measured, or the check would flake
     assert floors and all(0 < f["min_speedup"] < min(f["measured"]) for f in floors)
+
+
+def test_a_self_timed_median_in_extra_info_wins(tmp_path):
+    """torch-warmup records the pool's start-up as extra_info median_s; pytest-benchmark's own
+    median there is the whole fresh interpreter's run and must not be used."""
+    doc = {"benchmarks": [
+        {"group": "torch-warmup-8-workers", "name": f"test[{p}]", "extra_info": {"pool": p, "case": "ready", "median_s": m},
+         "stats": {"median": 1e-6, "mean": 1e-6, "rounds": 1}}
+        for p, m in (("shmpool-fork", 5.0), ("torch-spawn", 4.0))]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(doc))
+    floor = {"group": "torch-warmup-8-workers", "pool": "shmpool-fork", "peer": "torch-spawn", "min_speedup": 1.0}
+    r = run(str(path), "--floors", floors_json(tmp_path, [floor]))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "0.80x faster (5000.000 ms vs 4000.000 ms)" in r.stderr

@@ -6,7 +6,7 @@ A real torch.compile with TORCHINDUCTOR_FX_COMPILE_MODE=subprocess semantics and
 freezing on, so the graph sent to the worker carries every weight (two
 width x width fp32 layers: 134 MB at the default 4096). The pool torch uses has
 its `submit` wrapped (on the instance, nothing in torch is changed) so the job runs
-inside `shmpool.torch.timed_call`, which stamps CLOCK_MONOTONIC in the worker:
+inside `shmpool.bench.jobs.timed_call`, which stamps CLOCK_MONOTONIC in the worker:
 
   to_worker   = worker starts the job  - parent calls submit   (pickle, move, unpickle)
   in_worker   = worker ends the job    - worker starts the job (the compile itself)
@@ -30,12 +30,13 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-# Workers of both pools must import shmpool.torch (for timed_call); both pass the
+# Workers of both pools must import shmpool.bench.jobs (for timed_call); both pass the
 # parent's sys.path on, so putting the checkout on it here is enough.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+import shmpool.bench.jobs  # noqa: E402
 import shmpool.torch  # noqa: E402
 from shmpool import _torch_compat  # noqa: E402
 
@@ -78,7 +79,7 @@ def _wrap_submit(pool: Any, records: list[dict[str, float]]) -> None:
     def submit(fn: Any, *args: Any, **kwargs: Any) -> Future[Any]:
         rec: dict[str, float] = {"payload": float(sum(len(getattr(a, "value", b"")) for a in args))}
         rec["submit"] = _now()
-        inner = inner_submit(shmpool.torch.timed_call, fn, *args, **kwargs)
+        inner = inner_submit(shmpool.bench.jobs.timed_call, fn, *args, **kwargs)
         outer: Future[Any] = Future()
 
         def done(f: Future[Any]) -> None:

@@ -5,7 +5,7 @@
 1. End-to-end subprocess FX compile of a frozen model whose payload is > 100 MB
    (scripts/fx_ipc_timing.py): wall time and the IPC part, medians over reps.
 2. Batch Triton compile of `--kernels` distinct kernels on 2 workers
-   (shmpool.triton_batch), each pool warmed first, fresh Triton cache per batch.
+   (shmpool.bench.triton_batch), each pool warmed first, fresh Triton cache per batch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fx_ipc_timing  # noqa: E402  (scripts/ is sys.path[0] when run as a script)
 
 import shmpool  # noqa: E402
-from shmpool import triton_batch  # noqa: E402
+from shmpool.bench import triton_batch  # noqa: E402
 
 BATCH_DEADLINE_S = 600.0
 

@@ -4,11 +4,12 @@ torch has no public hook for choosing the pool that inductor compiles in, so the
 glue in `shmpool.torch` has to reach into `torch._inductor`. Each function below
 is the only place one private name is touched, and says why.
 
-Checked against torch 2.13.0 (run: tests/torch) and 2.14.1 (source read and
-diffed from a throwaway venv, not run): the names and signatures used here are the
-same in both; 2.14.1 only adds an optional `close_fds` to `_async_compile_initializer`
-and may send None values in the FX job's extra_env, neither of which we depend on. `check_supported()` fails early, naming the missing piece, if a later
-torch moves one of them.
+Supported: torch >=2.13,<2.15 (the torch extra's range). Run against 2.13.0 (tests/torch,
+CI) and 2.14.1 (tests/torch through scripts/torch_next.sh): the names and signatures used
+here are the same in both; 2.14.1 only adds an optional `close_fds` to
+`_async_compile_initializer` and may send None values in the FX job's extra_env, neither of
+which we depend on. `check_supported()` fails early, naming the missing piece and the
+supported range, if another torch moves one of them.
 
 What we rely on, read from torch 2.13.0's source:
 - `torch/_inductor/compile_fx_subproc.py`: `_SubprocessFxCompile.process_pool()`,
@@ -19,8 +20,14 @@ What we rely on, read from torch 2.13.0's source:
   module global when `config.worker_start_method == "subprocess"`, adds it to
   `_pool_set`; `AsyncCompile.wakeup()` only wakes it if
   `isinstance(pool, SubprocPool)` against that same module global.
-- `torch/_inductor/compile_worker/__main__.py`: the set-up every torch compile
-  worker gets, which `init_worker()` repeats.
+- `torch/_inductor/compile_worker/__main__.py`: the set-up torch's sidecar does once
+  before it forks its workers (`prepare_fork_helper()` does it in our fork helper) and
+  the set-up every worker ends up with (`init_worker()`).
+- `torch/_inductor/compile_worker/subproc_pool.py`: `SubprocException(details, name)`,
+  what inductor catches to re-raise with a kernel's name (`e.with_name(kernel_name)`);
+  where workers' output goes (`config.worker_suppress_logging`,
+  `config.torchinductor_worker_logpath`, `config.get_worker_log_path()`), which
+  `worker_log_path()` repeats.
 - `torch/_inductor/compile_fx.py`: `fx_compile_mode` (read on every compile),
   `FxCompile._compile_stats` (a count of compiles by scheme class).
 """
@@ -34,7 +41,12 @@ from typing import Any
 
 import torch
 
+SUPPORTED_TORCH = ">=2.13,<2.15"  # the torch extra in pyproject.toml
 CHECKED_TORCH_VERSIONS = ("2.13.0", "2.14.1")
+
+# What the fork helper of a torch pool imports before it forks any worker: the module runs
+# `prepare_fork_helper()` on import (preload= only takes module names).
+FORK_HELPER_PRELOAD = ("shmpool._torch_preload",)
 
 # The module globals named `SubprocPool` that torch builds its pools from and,
 # in async_compile, tests `isinstance` against. Rebinding them is the whole patch.
@@ -58,31 +70,38 @@ def check_supported() -> None:
     needs = {
         "torch._inductor.compile_fx_subproc": ("SubprocPool", "_SubprocessFxCompile"),
         "torch._inductor.async_compile": ("SubprocPool", "AsyncCompile", "_pool_set", "pre_fork_setup"),
-        "torch._inductor.compile_worker.subproc_pool": ("SubprocPool", "SubprocPickler", "SubprocKind"),
+        "torch._inductor.compile_worker.subproc_pool": (
+            "SubprocPool", "SubprocPickler", "SubprocKind", "SubprocException",
+        ),
         "torch._inductor.compile_worker.utils": ("_async_compile_initializer",),
         "torch._inductor.runtime.compile_tasks": ("_set_triton_ptxas_path",),
         "torch._inductor.codecache": ("torch_key",),
         "torch._inductor.compile_fx": ("fx_compile_mode", "FxCompileMode", "FxCompile"),
+        "torch._inductor.config": ("worker_suppress_logging", "torchinductor_worker_logpath", "get_worker_log_path"),
     }
+    where = f"shmpool.torch supports torch {SUPPORTED_TORCH} (run: {', '.join(CHECKED_TORCH_VERSIONS)})"
     for module, names in needs.items():
         try:
             mod = _import(module)
         except ImportError as e:
             raise ImportError(
-                f"shmpool.torch: torch {torch.__version__} has no {module} "
-                f"(checked versions: {', '.join(CHECKED_TORCH_VERSIONS)})"
+                f"shmpool.torch: torch {torch.__version__} has no {module}; {where}"
             ) from e
         for name in names:
             if not hasattr(mod, name):
                 raise ImportError(
-                    f"shmpool.torch: torch {torch.__version__} has no {module}.{name} "
-                    f"(checked versions: {', '.join(CHECKED_TORCH_VERSIONS)})"
+                    f"shmpool.torch: torch {torch.__version__} has no {module}.{name}; {where}"
                 )
 
 
 def torch_pool_class() -> type:
     """torch's own SubprocPool: the base our pool also derives from, for isinstance checks."""
     return _import("torch._inductor.compile_worker.subproc_pool").SubprocPool  # type: ignore[no-any-return]
+
+
+def torch_subproc_exception_class() -> type:
+    """torch's SubprocException: what inductor's async_compile catches around a kernel's future."""
+    return _import("torch._inductor.compile_worker.subproc_pool").SubprocException  # type: ignore[no-any-return]
 
 
 def torch_base_pickler_class() -> type:
@@ -212,6 +231,31 @@ def clear_fx_compile_counts() -> None:
     _import("torch._inductor.compile_fx").FxCompile._compile_stats.clear()
 
 
+def worker_log_path() -> str | None:
+    """Where torch sends its compile workers' stdout and stderr, decided as its SubprocPool does.
+
+    `config.worker_suppress_logging` (on by default) wins: os.devnull. Else
+    TORCHINDUCTOR_WORKER_LOGPATH (`config.torchinductor_worker_logpath`), else the
+    deployment's own path (`config.get_worker_log_path()`, None outside Meta's cluster).
+    None: the workers keep the parent's stdout and stderr.
+    """
+    from torch._inductor import config
+
+    if config.worker_suppress_logging:
+        return os.devnull
+    return config.torchinductor_worker_logpath or config.get_worker_log_path() or None
+
+
+def open_worker_log() -> str | None:
+    """Pick the workers' log as torch does and start it empty, as torch opens it with "w" once
+    per pool. Returns the path each worker appends to (see `init_worker`), or None."""
+    path = worker_log_path()
+    if path is not None and path != os.devnull:
+        with open(path, "w"):
+            pass
+    return path
+
+
 def parent_worker_state() -> tuple[int, bytes, dict[str, str | None]]:
     """What `init_worker` needs from the parent: its pid, its torch_key, the env to copy."""
     from torch._inductor.codecache import torch_key
@@ -221,15 +265,77 @@ def parent_worker_state() -> tuple[int, bytes, dict[str, str | None]]:
     return os.getpid(), torch_key(), env
 
 
-def init_worker(parent_pid: int, parent_torch_key: bytes, env: dict[str, str | None]) -> None:
+def prepare_fork_helper() -> None:
+    """In the fork helper, before its first fork: what torch's sidecar does before forking.
+
+    compile_worker/__main__.py imports inductor (TORCH_WARM_POOL=0 in its environment), sets
+    the ptxas path, preloads triton and runs `pre_fork_setup()` (device properties, the
+    triton key, ~0.3 s of hashing here), all once; its workers are forks that inherit it
+    all. Done here, every worker the helper forks starts with the same head start instead
+    of importing inductor itself (8 workers on 2 cores: ~27 s to the first ready worker
+    without it, torch's pool ~8 s). What is per worker (the parent's torch_key, the
+    environment, the watchdog) stays in `init_worker`. Unlike torch's sidecar, the helper
+    imports with the cyclic GC paused and freezes the result (see below).
+    """
+    import gc
+
+    # Before inductor is imported: a helper must never start a compile pool of its own.
+    os.environ["TORCH_WARM_POOL"] = "0"
+    # What CPython's gc docs advise for a process that forks without exec: no cyclic
+    # collections while importing (they re-walk the growing heap again and again: ~1 s of
+    # the ~4 s these imports take here), then freeze what was imported, so neither the
+    # helper nor a forked worker walks those objects again; a worker's collection would
+    # write to every one of them and copy their pages. The few cycles the imports left
+    # behind stay with them (a collection to free them would cost ~0.35 s).
+    gc.disable()
+    try:
+        import torch._inductor.codecache  # noqa: F401
+        import torch._inductor.compile_worker.utils  # noqa: F401
+        from torch._inductor.async_compile import pre_fork_setup
+        from torch._inductor.runtime.compile_tasks import _set_triton_ptxas_path
+
+        _set_triton_ptxas_path()
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            pass
+        pre_fork_setup()
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def _redirect_output(path: str) -> None:
+    """Point this process's fds 1 and 2 at `path`, appending, as torch's workers inherit
+    its log file as their stdout and stderr. O_APPEND: workers writing at once interleave
+    lines instead of overwriting each other."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+
+
+def init_worker(
+    parent_pid: int, parent_torch_key: bytes, env: dict[str, str | None], log_path: str | None = None
+) -> None:
     """Set a pool worker up as torch's compile_worker/__main__.py sets up its own.
 
-    Same steps, same order: environment first (it must be in place before inductor
-    reads it on import), the ptxas path, triton preloaded, `pre_fork_setup()`, the
-    parent's `torch_key`, then `_async_compile_initializer`, which marks the process
-    as a worker, ignores SIGINT, installs torch's crash handler and starts the
-    watchdog that kills the worker once its parent is gone.
+    Same steps, same order: output to torch's worker log, environment (it must be in place
+    before inductor reads it on import), the ptxas path, triton preloaded,
+    `pre_fork_setup()`, the parent's `torch_key`, then `_async_compile_initializer`, which
+    marks the process as a worker, ignores SIGINT, installs torch's crash handler and starts
+    the watchdog that kills the worker once its parent is gone. A worker forked from a
+    helper that ran `prepare_fork_helper()` finds the imports and `pre_fork_setup()` done.
     """
+    if log_path is not None:
+        _redirect_output(log_path)
     # None means "unset in the parent": drop it here too, so a worker started by a
     # long-lived helper does not keep a stale cache dir.
     for name, value in env.items():
@@ -250,7 +356,7 @@ def init_worker(parent_pid: int, parent_torch_key: bytes, env: dict[str, str | N
     from torch._inductor.codecache import torch_key
     from torch._inductor.compile_worker.utils import _async_compile_initializer
 
-    pre_fork_setup()
+    pre_fork_setup()  # cached: free in a worker forked from a prepared helper
     # A forked worker may have inherited a computed key; the parent's wins, as in torch.
     torch_key.clear()  # type: ignore[attr-defined]
     torch_key.set(parent_torch_key)  # type: ignore[attr-defined]

@@ -11,9 +11,14 @@ After `install()`, the two pools inductor builds are shmpool pools:
 - the async kernel-compile pool (config.worker_start_method = "subprocess"), still
   woken by `AsyncCompile.wakeup()`, because our pool class derives from torch's.
 
-Workers are set up as torch's own (see `_torch_compat.init_worker`). Only pools
-built after `install()` are ours: a pool torch already built is shut down and
-rebuilt on next use, so install before compiling. `uninstall()` gives torch its
+Workers are set up as torch's own (see `_torch_compat.init_worker`): a FORK pool's helper
+first does what torch's sidecar does before it forks (imports inductor, runs
+`pre_fork_setup()`), so its workers start as warm as torch's; their output goes where
+torch sends its workers' (`worker_suppress_logging`, TORCHINDUCTOR_WORKER_LOGPATH). A job
+that raises fails with `TorchSubprocException`, which is torch's SubprocException too, so
+inductor's `except SubprocException as e: raise e.with_name(kernel_name)` still names the
+kernel. Only pools built after `install()` are ours: a pool torch already built is shut
+down and rebuilt on next use, so install before compiling. `uninstall()` gives torch its
 own class back the same way.
 
 All use of torch private names lives in `shmpool._torch_compat`.
@@ -22,10 +27,9 @@ All use of torch private names lives in `shmpool._torch_compat`.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 try:
     import torch  # noqa: F401  (fail here, with the fix in the message, not deep in inductor)
@@ -37,10 +41,12 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 from shmpool import SubprocKind, SubprocPool
 from shmpool import _torch_compat
+from shmpool.errors import SubprocException
 
 _torch_compat.check_supported()
 
 __all__ = [
+    "TorchSubprocException",
     "TorchSubprocPool",
     "async_compile_pool",
     "fx_compile_counts",
@@ -49,11 +55,8 @@ __all__ = [
     "installed",
     "is_installed",
     "subprocess_fx_compile",
-    "timed_call",
     "uninstall",
 ]
-
-_T = TypeVar("_T")
 
 # Ring size (per direction per worker) for the pools torch builds. A subprocess FX
 # job of a frozen model carries every weight, hundreds of MB: a payload over half
@@ -63,6 +66,25 @@ _T = TypeVar("_T")
 # small kernel-compile jobs pay nothing for the size; touched pages stay resident
 # until the worker stops (quiesce() or shutdown() gives them back).
 DEFAULT_TORCH_RING_SIZE = 1 << 30
+
+
+class TorchSubprocException(SubprocException, _torch_compat.torch_subproc_exception_class()):  # type: ignore[misc]
+    """A job raised in a worker of a pool torch built: both shmpool's SubprocException and torch's.
+
+    inductor's async_compile catches torch's class around every kernel future and re-raises
+    `e.with_name(kernel_name)`; shmpool callers catch shmpool's. Message, `details` and
+    `name` are laid out as in both (torch's format: "An exception occurred in a
+    subprocess:\\n\\nName={name}\\n{details}"); `name` starts as the job's exception class
+    name (torch's pool says "<unknown>" there) and `with_name()` replaces it, keeping this
+    class. Pickles as shmpool's (details, name).
+    """
+
+    def __init__(self, details: str, name: str = "<unknown>") -> None:
+        # Not super().__init__: through this MRO that is torch's __init__, which would take
+        # the finished message for `details` and wrap it a second time.
+        self.details = details
+        self.name = name
+        Exception.__init__(self, f"An exception occurred in a subprocess:\n\nName={name}\n{details}")
 
 
 class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: ignore[misc]
@@ -75,6 +97,7 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
     """
 
     ring_size: int = DEFAULT_TORCH_RING_SIZE  # set by install(ring_size=...)
+    remote_error_class = TorchSubprocException
 
     def __init__(
         self,
@@ -91,6 +114,8 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
         if pickler is not None and type(pickler) is _torch_compat.torch_base_pickler_class():
             pickler = None
         parent_pid, torch_key, env = _torch_compat.parent_worker_state()
+        # Chosen and emptied once per pool, as torch opens it; every worker appends.
+        self.log_path = _torch_compat.open_worker_log()
         SubprocPool.__init__(
             self,
             nprocs,
@@ -98,9 +123,11 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
             shm_kind,
             quiesce,
             initializer=_torch_compat.init_worker,
-            initargs=(parent_pid, torch_key, env),
+            initargs=(parent_pid, torch_key, env, self.log_path),
             quiesce_after=_torch_compat.quiesce_after_seconds(),
             ring_size=self.ring_size,
+            # The helper outlives quiesce(): a wakeup() forks from it, still warm.
+            preload=_torch_compat.FORK_HELPER_PRELOAD,
         )
 
 
@@ -199,14 +226,3 @@ def fx_compile_counts() -> dict[str, int]:
 
 def clear_fx_compile_counts() -> None:
     _torch_compat.clear_fx_compile_counts()
-
-
-def timed_call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> tuple[_T, float, float]:
-    """Run fn in a worker and return (result, start, end) on CLOCK_MONOTONIC.
-
-    That clock is one system-wide clock on Linux, so the parent can subtract its own
-    submit and resolve times from these: the IPC cost of a job on either side of it.
-    """
-    start = time.clock_gettime(time.CLOCK_MONOTONIC)
-    result = fn(*args, **kwargs)
-    return result, start, time.clock_gettime(time.CLOCK_MONOTONIC)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import sys
 import time
@@ -15,6 +16,13 @@ import time
 from shmpool.bench import measure, pools as pools_mod, report, runner, workloads
 
 DEFAULT_REPEAT = {"quick": 3, "full": 5}
+
+BENCH_EXTRA = 'pip install "shmpool[bench]"'
+TORCH_EXTRA = 'pip install "shmpool[torch]" (install the torch CPU wheel first, see the README)'
+# What an explicitly chosen workload or pool needs beyond the core. The default workload list
+# skips one whose package is missing and says so in the report instead.
+WORKLOAD_NEEDS = {"triton": ("triton", BENCH_EXTRA), "fx": ("torch", TORCH_EXTRA), "torch-warmup": ("torch", TORCH_EXTRA)}
+POOL_NEEDS = {"torch-spawn": ("torch", TORCH_EXTRA)}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +79,7 @@ class _Progress:
                 # disable=None: a bar only on a terminal; a CI log gets the table alone
                 self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False, disable=None)
             except ImportError:
-                pass
+                pass  # check_extras() stops a run that wants a bar before it gets here
 
     def tick(self, what: str) -> None:
         if self.bar is not None:
@@ -93,8 +101,37 @@ def _program() -> str:
     return "python -m shmpool.bench" if sys.argv and sys.argv[0].endswith("__main__.py") else "shmpool-bench"
 
 
+def _have(module: str) -> bool:
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: import blocked, as if not installed
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_extras(args: argparse.Namespace) -> None:
+    """Exit at once, naming the extra to install, when an option needs a package that is missing:
+    before any pool starts, not after a run of minutes fails at its end."""
+    needs: list[tuple[str, str, str]] = [("psutil", "the benchmark", BENCH_EXTRA)]
+    if not args.no_progress:
+        needs.append(("tqdm", "the progress bar (or pass --no-progress)", BENCH_EXTRA))
+    if args.plot:
+        needs.append(("matplotlib", "--plot", BENCH_EXTRA))
+    for name in args.workload or ():
+        if name in WORKLOAD_NEEDS:
+            needs.append((*WORKLOAD_NEEDS[name][:1], f"--workload {name}", WORKLOAD_NEEDS[name][1]))
+    for name in (p.strip() for p in (args.pools or "").split(",")):
+        if name in POOL_NEEDS:
+            needs.append((*POOL_NEEDS[name][:1], f"--pools {name}", POOL_NEEDS[name][1]))
+    for module, what, fix in needs:
+        if not _have(module):
+            raise SystemExit(f"shmpool-bench: {what} needs {module}, which is not installed: {fix}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    check_extras(args)
     cfg = _config(args)
     t_start = time.perf_counter()
     pools_mod.ensure_importable_by_workers()

@@ -44,6 +44,18 @@ def warm_import(modules: tuple[str, ...], hold_s: float = 0.0) -> int:
     return os.getpid()
 
 
+def timed_call(fn, *args, **kwargs):
+    """Run ``fn`` and return ``(result, start, end)`` on CLOCK_MONOTONIC.
+
+    That clock is one system-wide clock on Linux, so the parent can subtract its own submit
+    and resolve times from these: the IPC cost of a job on either side of it
+    (scripts/fx_ipc_timing.py).
+    """
+    start = time.clock_gettime(time.CLOCK_MONOTONIC)
+    result = fn(*args, **kwargs)
+    return result, start, time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 def fx_summary(gm) -> tuple[int, int]:
     """Unpickled in the worker by the pool: report node count and parameter bytes."""
     nodes = len(gm.graph.nodes)

@@ -1,8 +1,7 @@
 """What the benchmark measures besides wall time: memory peaks, the memcpy floor, the machine.
 
-Memory is measured the way the reference figures were (``/work/shared/anchors/anchor_sysmem.py``):
-system-wide ``MemTotal - MemAvailable`` sampled every few milliseconds in a thread, so the
-workers, the sidecar and every shared-memory segment count, plus this process's RSS.
+Memory is measured system-wide: ``MemTotal - MemAvailable`` sampled every few milliseconds in a
+thread, so the workers, the sidecar and every shared-memory segment count, plus this process's RSS.
 """
 from __future__ import annotations
 
@@ -12,8 +11,6 @@ import statistics
 import sys
 import threading
 import time
-
-import psutil
 
 # Sampling period: short enough to catch a transient copy of a 16 MiB payload, long enough
 # that reading /proc/meminfo (~30 us) costs the timed process about 1% of one core.
@@ -43,6 +40,8 @@ class PeakSampler:
 
     def __init__(self, period_s: float = SAMPLE_PERIOD_S):
         self.period_s = period_s
+        import psutil  # the bench extra; cli checks for it before the run
+
         self._proc = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -109,6 +108,8 @@ def _version(module: str) -> str | None:
 
 def machine() -> dict:
     """A description of where the figures came from, for the JSON report."""
+    import psutil
+
     return {
         "cpu_model": _cpu_model(),
         "cores_logical": os.cpu_count(),

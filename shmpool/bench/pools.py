@@ -18,8 +18,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import psutil
-
 from shmpool.bench import jobs
 
 # Pool names in the order tables list them. The first available of BASELINES is what
@@ -44,6 +42,8 @@ class PoolUnavailable(RuntimeError):
 
 
 def _children() -> set[int]:
+    import psutil  # the bench extra; cli checks for it before any pool starts
+
     try:
         procs = psutil.Process().children(recursive=True)
     except psutil.Error:
@@ -224,6 +224,8 @@ class PoolUnderTest:
             th = threading.Thread(target=_quietly, args=(shutdown, pool), daemon=True)
             th.start()
             th.join(SHUTDOWN_TIMEOUT_S)
+        import psutil
+
         for pid in sorted(self.owned_pids):
             try:
                 p = psutil.Process(pid)

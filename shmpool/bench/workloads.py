@@ -36,10 +36,11 @@ TRITON_KERNELS = 16
 BASE_TIMEOUT_S = 60.0
 SLOW_BYTES_PER_S = 20e6
 
-WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx")
+WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx", "torch-warmup")
 # Left out of --quick, each would cost the quick run a third of its one-minute budget on 2 cores:
 # triton imports triton in every worker and compiles 16 kernels (~2 s) per repetition per pool;
-# fx imports torch in every worker of every pool (~3 s each) before the first timed job.
+# fx imports torch in every worker of every pool (~3 s each) before the first timed job;
+# torch-warmup starts a fresh interpreter and a pool of 8 per repetition (~10 s each).
 QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput")
 
 
@@ -80,6 +81,7 @@ class Case:
     timeout_s: float | None = None  # deadline of one repetition; None: from bytes_moved and jobs
     rep_factor: int = 1  # cheap cases run this many times --repeat, for a steadier median
     warm_arg: Any = None  # what the untimed warm-up run gets instead of the payload (None: the payload)
+    only_pools: tuple[str, ...] | None = None  # run on these pools only (None: every pool)
 
     @property
     def timeout(self) -> float:
@@ -192,15 +194,15 @@ def throughput_cases(njobs: int = THROUGHPUT_JOBS) -> list[Case]:
 
 # ---------------------------------------------------------------- triton
 def _triton_batch():
-    """shmpool.triton_batch (written alongside, issue 3) or None with the reason."""
+    """shmpool.bench.triton_batch, or None with the reason it cannot run here."""
     if importlib.util.find_spec("triton") is None:
         return None, "triton not installed"
     try:
-        from shmpool import triton_batch
+        from shmpool.bench import triton_batch
     except ImportError as e:
-        return None, f"shmpool.triton_batch not importable yet ({e})"
+        return None, f"shmpool.bench.triton_batch not importable yet ({e})"
     if not hasattr(triton_batch, "compile_batch"):
-        return None, "shmpool.triton_batch has no compile_batch(pool, n)"
+        return None, "shmpool.bench.triton_batch has no compile_batch(pool, n)"
     return triton_batch, None
 
 
@@ -270,6 +272,28 @@ def fx_cases(big: int, graph_layers: int = 1000) -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------- torch-warmup
+# The pool each column stands for: torch's own pool as inductor builds it (a FORK sidecar), and
+# shmpool's as shmpool.torch.install() makes inductor build it (FORK, helper prepared as the sidecar).
+TORCH_WARMUP_POOLS = {"shmpool-fork": "shmpool", "torch-spawn": "torch"}
+
+
+def run_torch_warmup(pool, workers, timeout):
+    """AsyncCompile.wait_pool_ready() with `workers` workers, in a fresh interpreter. The pool
+    under test is not used: each repetition builds the pool inductor would, from nothing."""
+    from shmpool.bench import torch_warmup
+
+    return {"timed_s": torch_warmup.measure_once(TORCH_WARMUP_POOLS[pool.name], workers, timeout)}
+
+
+def torch_warmup_cases(workers: int = 8) -> list[Case]:
+    from shmpool.bench import torch_warmup
+
+    skip = None if importlib.util.find_spec("torch") else "torch not installed"
+    return [Case("torch-warmup", f"{workers}-workers", 0, 0, lambda: workers, run_torch_warmup,
+                 skip=skip, timeout_s=torch_warmup.RUN_TIMEOUT_S, only_pools=tuple(TORCH_WARMUP_POOLS))]
+
+
 def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
     out: list[Case] = []
     for name in names:
@@ -285,6 +309,8 @@ def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
             out += triton_cases()
         elif name == "fx":
             out += fx_cases(big)
+        elif name == "torch-warmup":
+            out += torch_warmup_cases()
         else:
             raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return out

@@ -7,7 +7,8 @@ pytest.importorskip) on a machine installed without the torch extra.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,23 @@ COMPILE_DEADLINE_S = 300.0
 
 
 @pytest.fixture
-def fresh_inductor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def inductor_patch() -> Iterator[Callable[..., None]]:
+    """`inductor_patch(**settings)`: set inductor config options until the test ends.
+
+    Through torch's own `config.patch`, not monkeypatch: on torch 2.14 putting an option
+    back with setattr after monkeypatch's undo leaves the config module without it.
+    Dotted names reach nested options: `inductor_patch(**{"cpp.weight_prepack": False})`.
+    """
+    import torch._inductor.config as inductor_config
+
+    with ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(inductor_config.patch(settings))
+
+
+@pytest.fixture
+def fresh_inductor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inductor_patch: Callable[..., None]
+) -> Iterator[Path]:
     """Empty inductor and Triton caches and a reset dynamo, so every compile really runs.
 
     A cache hit would skip the worker and hide whether the subprocess path works.
@@ -32,12 +49,11 @@ def fresh_inductor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     that pool set compile_threads themselves.
     """
     import torch
-    import torch._inductor.config as inductor_config
 
     cache = tmp_path / "inductor-cache"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(cache))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(cache / "triton"))
-    monkeypatch.setattr(inductor_config, "compile_threads", 1)
+    inductor_patch(compile_threads=1)
     torch._dynamo.reset()
     import shmpool.torch
 

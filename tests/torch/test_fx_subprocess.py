@@ -108,14 +108,11 @@ class FrozenBig(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def test_frozen_weights_payload_over_100mb(subprocess_fx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch._inductor.config as inductor_config
-
+def test_frozen_weights_payload_over_100mb(subprocess_fx: Any, inductor_patch: Callable[..., None]) -> None:
     # Freezing folds the weights into the graph as constants, so the pickled graph
     # sent to the worker carries all of them; prepacking would turn them into
     # mkldnn blobs the subprocess path cannot pickle.
-    monkeypatch.setattr(inductor_config, "freezing", True)
-    monkeypatch.setattr(inductor_config.cpp, "weight_prepack", False)
+    inductor_patch(**{"freezing": True, "cpp.weight_prepack": False})
     torch.manual_seed(0)
     model = FrozenBig().eval()
     x = torch.randn(2, 4096)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,23 @@ def test_import_shmpool_torch_without_torch_names_the_extra() -> None:
     """)
     assert r.returncode == 0, r.stderr
     assert "pip install shmpool[torch]" in r.stdout
+
+
+def test_check_supported_names_what_is_missing_and_the_supported_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = _torch_compat._import
+
+    def torch_without_the_initializer(name: str) -> object:
+        if name == "torch._inductor.compile_worker.utils":
+            return types.SimpleNamespace()  # as a torch that moved _async_compile_initializer
+        return real(name)
+
+    monkeypatch.setattr(_torch_compat, "_import", torch_without_the_initializer)
+    with pytest.raises(ImportError) as info:
+        _torch_compat.check_supported()
+    msg = str(info.value)
+    assert "torch._inductor.compile_worker.utils._async_compile_initializer" in msg
+    assert "supports torch >=2.13,<2.15" in msg
+    assert "2.13.0" in msg and "2.14.1" in msg  # the releases it was run against
 
 
 def test_install_is_idempotent_and_uninstall_restores() -> None:

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("triton")
 
 import shmpool  # noqa: E402
-from shmpool import triton_batch  # noqa: E402
+from shmpool.bench import triton_batch  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
