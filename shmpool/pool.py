@@ -35,6 +35,7 @@ import enum
 import itertools
 import os
 import pickle
+import signal
 import subprocess
 import threading
 import time
@@ -96,7 +97,8 @@ class PoolProcesses:
     """``pool.process``: the pool's processes as one handle, for code written against torch's
     pool, whose ``process`` is its sidecar's ``Popen``. ``pid`` is the FORK helper's (SPAWN:
     the first worker's); ``wait()`` returns once every process of the pool has exited (after
-    ``shutdown()``), ``poll()`` is None until then, ``kill()`` SIGKILLs them all."""
+    ``shutdown()``), ``poll()`` is None until then; ``kill()`` SIGKILLs them all and shuts the
+    pool down."""
 
     def __init__(self, pool: "SubprocPool") -> None:
         self._pool = weakref.ref(pool)
@@ -336,13 +338,14 @@ class SubprocPool:
             raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
 
     def _kill_all(self) -> None:
-        import signal
-
+        """SIGKILL every process of the pool, then shut it down (``process.kill()``: a pool
+        whose processes were killed from outside is over, as torch's is when its sidecar is)."""
         for pid in self.worker_pids() + self.helper_pids():
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
-                pass
+                pass  # gone already
+        self.shutdown(wait=False)
 
 
 settle = settle  # re-exported for callers that resolved futures the way the pool does

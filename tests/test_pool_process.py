@@ -19,7 +19,6 @@ import pytest
 
 from shmpool import SubprocKind, SubprocPool
 
-pytestmark = pytest.mark.xfail(strict=False, reason="needs pool.process from the dispatcher rebuild")
 
 REPO = Path(__file__).resolve().parents[1]
 # A fresh interpreter importing shmpool and starting two workers: a few seconds on 2 cores.

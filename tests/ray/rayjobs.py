@@ -22,8 +22,8 @@ def length(data: bytes) -> int:
 def triton_kernel_into_cache(index: int, extra_env: dict[str, str]) -> str:
     """A kernel compile shaped like torch's ``_worker_compile_triton``: apply the caller's
     ``extra_env`` (its TRITON_CACHE_DIR), compile a real Triton kernel into that cache, answer
-    its name. Needs no GPU (shmpool.triton_batch targets sm_90 with Triton's own ptxas)."""
+    its name. Needs no GPU (shmpool.bench.triton_batch targets sm_90 with Triton's own ptxas)."""
     os.environ.update(extra_env)
-    from shmpool import triton_batch
+    from shmpool.bench import triton_batch
 
     return triton_batch.compile_kernel(index).name
