@@ -41,7 +41,7 @@ from .errors import JobTimeoutError, SubprocException, WorkerDiedError, WorkerSt
 from .launch import ForkHelper, spawn_worker, stop_process
 from .lifecycle import Job, Worker, WorkerState, move_worker
 from .pickler import SubprocPickler
-from .ring import RingError, RingReader, RingWriter
+from .ring import RingReader, RingWriter
 from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, unlink_semaphore
 
 log = logging.getLogger("shmpool.pool")

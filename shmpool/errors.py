@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import signal
+import traceback
 from concurrent.futures.process import BrokenProcessPool
 
 
@@ -19,6 +20,21 @@ class SubprocException(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.details, self.name))
+
+
+def describe_error(exc: BaseException, context: str = "") -> tuple[str, str]:
+    """``(class name, traceback text led by context)``: what a worker sends back for a job that
+    raised. Call it inside the except block and drop ``exc``: its traceback holds the job's
+    frames, and through them views into its arguments."""
+    details = "".join(traceback.format_exception(exc))
+    return type(exc).__name__, f"{context}:\n{details}" if context else details
+
+
+def describe_job(fn: object) -> str:
+    """``module.qualname`` of a job function, as job errors name it."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else str(name)
 
 
 def describe_exit(exitcode: int | None) -> str:

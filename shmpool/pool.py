@@ -45,9 +45,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from .codec import dump
-from .core import PoolCore, PoolStats, settle
+from .core import PoolCore, PoolStats
 from .dispatcher import JOIN_LIMIT, Dispatcher
-from .errors import PayloadTooLargeError, SubprocException
+from .errors import PayloadTooLargeError, SubprocException, describe_job
 from .interrupts import deferred_interrupt, interruptible
 from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
@@ -66,11 +66,6 @@ class SubprocKind(enum.Enum):
     FORK = "fork"
     SPAWN = "spawn"
 
-
-def _describe(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
 
 
 _live_pools: "weakref.WeakSet[SubprocPool]" = weakref.WeakSet()
@@ -213,9 +208,9 @@ class SubprocPool:
         self._check_usable()
         parts = dump((job_fn, tuple(args), dict(kwargs or {})), self.pickler)
         if self._max_payload is not None and parts.size > self._max_payload:
-            raise PayloadTooLargeError(f"job {_describe(job_fn)}", parts.size, self._max_payload)
+            raise PayloadTooLargeError(f"job {describe_job(job_fn)}", parts.size, self._max_payload)
         job_timeout = timeout if timeout is not None else self._job_timeout
-        job = Job(next(self._job_ids), Future(), parts, job_timeout, _describe(job_fn))
+        job = Job(next(self._job_ids), Future(), parts, job_timeout, describe_job(job_fn))
         core = self._core
         if interruptible():
             with deferred_interrupt():  # placed and announced together, or not at all
@@ -347,5 +342,3 @@ class SubprocPool:
                 pass  # gone already
         self.shutdown(wait=False)
 
-
-settle = settle  # re-exported for callers that resolved futures the way the pool does

@@ -40,7 +40,7 @@ import posix_ipc
 from . import wire
 from .channel import Endpoint, Payload, recv_header, recv_headers
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
-from .errors import PayloadTooLargeError
+from .errors import PayloadTooLargeError, describe_error
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
 from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore
@@ -69,14 +69,20 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def _describe(exc: BaseException, context: str = "", infra: Exception | None = None) -> Error:
-    """``(class name, traceback text led by context, infra)`` of ``exc``. Call it inside the
-    except block and drop ``exc``: its traceback holds the job's frames, and through them views
-    into its slot."""
-    details = "".join(traceback.format_exception(exc))
-    return type(exc).__name__, f"{context}:\n{details}" if context else details, infra
+    """``describe_error`` plus the shmpool error the parent raises as it is, if any."""
+    return (*describe_error(exc, context), infra)
 
 
-def _rss_bytes() -> int:
+def run_initializer(boot: dict[str, Any]) -> SubprocPickler:
+    """The pool's pickler, once the pool's initializer (if any) has run; raises what it raises."""
+    pickler: SubprocPickler = pickle.loads(boot["pickler"])
+    if boot["initializer"] is not None:
+        fn, args = pickler.loads(boot["initializer"])
+        fn(*args)
+    return pickler
+
+
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -131,10 +137,7 @@ class Worker:
         for key, value in boot["environ"].items():
             os.environ[key] = value
         try:
-            self.pickler = pickle.loads(boot["pickler"])
-            if boot["initializer"] is not None:
-                fn, args = self.pickler.loads(boot["initializer"])
-                fn(*args)
+            self.pickler = run_initializer(boot)
         except BaseException as e:
             self._reply(wire.SETUP_JOB_ID, _describe(e, "worker initializer failed"), None)
             return False
@@ -195,7 +198,7 @@ class Worker:
             result = fn(*args, **kwargs)
         except BaseException as e:
             error = _describe(e)
-        fn = args = kwargs = job = None
+        fn = args = kwargs = job = None  # drop the job's references (views into its mapping) now
         if error is not None:
             return self._reply(header.job_id, error, payload)
         try:
@@ -218,7 +221,7 @@ class Worker:
         if isinstance(answer, tuple):
             kind, answer = wire.MsgKind.ERROR, dump(answer, _PLAIN)
         flags = 0
-        if self.memory_cap is not None and _rss_bytes() > self.memory_cap:
+        if self.memory_cap is not None and rss_bytes() > self.memory_cap:
             flags |= wire.Flag.RECYCLE
         try:
             placement = self._stage(answer)

@@ -7,29 +7,18 @@ meaning into a Ray exception: a Ray error reaching the pool means the actor itse
 from __future__ import annotations
 
 import os
-import pickle
 import socket
 import sys
-import traceback
 from typing import Any
 
 from ..codec import dump
-from ..errors import PayloadTooLargeError
+from ..errors import PayloadTooLargeError, describe_error as _describe
 from ..pickler import SubprocPickler
+from ..worker import rss_bytes, run_initializer
 from .payload import Wire, from_wire, to_wire
 
 READY, OK, ERROR = "ready", "ok", "error"
 
-
-def _describe(exc: BaseException, context: str = "") -> tuple[str, str]:
-    """``(class name, traceback text led by context)``, as the local worker sends them."""
-    details = "".join(traceback.format_exception(exc))
-    return type(exc).__name__, f"{context}:\n{details}" if context else details
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class Worker:
@@ -53,10 +42,7 @@ class Worker:
         self.max_payload = boot["max_payload"]
         self.memory_cap = boot["memory_cap"]
         try:
-            self.pickler = pickle.loads(boot["pickler"])
-            if boot["initializer"] is not None:
-                fn, args = self.pickler.loads(boot["initializer"])
-                fn(*args)
+            self.pickler = run_initializer(boot)
         except BaseException as e:
             return (ERROR, *_describe(e, "worker initializer failed"))
         return (READY, os.getpid(), socket.gethostname())
@@ -74,7 +60,7 @@ class Worker:
         except BaseException as e:
             result, failure = None, _describe(e)
         del fn, args, kwargs
-        recycle = self.memory_cap is not None and _rss_bytes() > self.memory_cap
+        recycle = self.memory_cap is not None and rss_bytes() > self.memory_cap
         if failure is not None:
             return (ERROR, *failure, recycle)
         try:

@@ -55,11 +55,19 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from ..codec import dump
-from ..errors import JobTimeoutError, PayloadTooLargeError, SubprocException, WorkerDiedError, WorkerStartError
+from ..core import settle
+from ..errors import (
+    JobTimeoutError,
+    PayloadTooLargeError,
+    SubprocException,
+    WorkerDiedError,
+    WorkerStartError,
+    describe_job,
+)
 from ..pickler import SubprocPickler, has_zero_copy
 from ..pool import PoolStats
 from . import actor as _actor
-from .payload import Wire, from_wire, to_wire
+from .payload import from_wire, to_wire
 
 log = logging.getLogger(__name__)
 
@@ -141,23 +149,6 @@ def _move(w: _Actor, new: _State) -> None:
     w.state = new
 
 
-def _settle(future: Future, result: Any = None, exc: BaseException | None = None) -> None:
-    """Resolve a future unless it already is. Never raises."""
-    if future.done():
-        return
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except Exception:  # InvalidStateError from a race with cancel(): the caller already gave up
-        pass
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
-    module = getattr(fn, "__module__", None)
-    return f"{module}.{name}" if module else str(name)
 
 
 def _ray_reason(e: BaseException) -> str:
@@ -287,11 +278,11 @@ class RayPool:
             raise RuntimeError("cannot submit to a RayPool after shutdown()")
         parts = dump((job_fn, tuple(args), dict(kwargs or {})), self.pickler)
         if self._max_payload is not None and parts.size > self._max_payload:
-            raise PayloadTooLargeError(f"job {_describe(job_fn)}", parts.size, self._max_payload)
+            raise PayloadTooLargeError(f"job {describe_job(job_fn)}", parts.size, self._max_payload)
         wire = to_wire(parts)
         arg: Any = ray.put(wire) if parts.size >= INLINE_LIMIT else wire
         job = _Job(next(self._job_ids), Future(), arg, parts.size, parts.oob_bytes,
-                   timeout if timeout is not None else self._job_timeout, _describe(job_fn))
+                   timeout if timeout is not None else self._job_timeout, describe_job(job_fn))
         del parts, wire
         with self._lock:
             if self._closing:
@@ -332,7 +323,7 @@ class RayPool:
         if first:
             for job in pending:
                 job.arg = None
-                _settle(job.future, exc=RuntimeError("SubprocPool closed"))
+                settle(job.future, exc=RuntimeError("SubprocPool closed"))
             self._events.put(("stop",))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join(JOIN_LIMIT)
@@ -576,7 +567,7 @@ class RayPool:
     def _flush(self) -> None:
         todo, self._to_settle = self._to_settle, []
         for future, value, exc in todo:
-            _settle(future, value, exc)
+            settle(future, value, exc)
 
     def _teardown(self) -> None:
         closed = RuntimeError("SubprocPool closed")
