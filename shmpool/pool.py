@@ -74,7 +74,10 @@ _live_pools: "weakref.WeakSet[SubprocPool]" = weakref.WeakSet()
 @atexit.register
 def _shutdown_all() -> None:
     for pool in list(_live_pools):
-        pool.shutdown()
+        try:
+            pool.shutdown()
+        except subprocess.TimeoutExpired:
+            pass  # bounded: the interpreter exits, and PDEATHSIG ends what is left
 
 
 def _forget_pools_in_child() -> None:
@@ -165,7 +168,7 @@ class SubprocPool:
             raise ValueError(f"ring_size must be at least {MIN_RING_SIZE} bytes, got {ring_size}")
         self.nprocs = nprocs
         self.pickler = pickler or SubprocPickler()
-        self.kind = SubprocKind(kind)
+        self.kind = SubprocKind(getattr(kind, "value", kind))  # torch's SubprocKind has the same values
         self._job_timeout = job_timeout
         self._max_payload = max_payload
         # Pickled once here, so a pickler or initializer that cannot travel fails now, loudly.
@@ -297,9 +300,11 @@ class SubprocPool:
             if first:
                 self._dispatcher.wake()
         core.flush()
-        if wait and threading.current_thread() is not self._dispatcher.thread:
-            self._dispatcher.thread.join(JOIN_LIMIT)
         _live_pools.discard(self)
+        if wait and threading.current_thread() is not self._dispatcher.thread:
+            # Through the handle, as torch's shutdown waits on its sidecar: code that patched
+            # ``process.wait`` (torch's tests do) sees it called.
+            self.process.wait(JOIN_LIMIT)
 
     def stats(self) -> PoolStats:
         with self._core.lock:
