@@ -40,11 +40,14 @@ from shmpool import _torch_compat
 
 _torch_compat.check_supported()
 
+from shmpool import _torch_fx_wire  # noqa: E402  (needs the torch names checked above)
+
 __all__ = [
     "TorchSubprocPool",
     "async_compile_pool",
     "fx_compile_counts",
     "fx_process_pool",
+    "fx_wire_stats",
     "install",
     "installed",
     "is_installed",
@@ -123,6 +126,7 @@ def install(*, ring_size: int = DEFAULT_TORCH_RING_SIZE) -> None:
         saved = _torch_compat.pool_globals()
         _torch_compat.set_pool_globals({name: TorchSubprocPool for name in saved})
         _saved_globals = saved
+        _torch_fx_wire.enable()  # FX jobs' tensor storages out of band (issue 11)
 
 
 def uninstall() -> None:
@@ -133,6 +137,7 @@ def uninstall() -> None:
             return
         _torch_compat.set_pool_globals(_saved_globals)
         _saved_globals = None
+        _torch_fx_wire.disable()
 
 
 def is_installed() -> bool:
@@ -180,6 +185,12 @@ def fx_compile_counts() -> dict[str, int]:
 
 def clear_fx_compile_counts() -> None:
     _torch_compat.clear_fx_compile_counts()
+
+
+def fx_wire_stats() -> _torch_fx_wire.FxWireStats:
+    """What the FX jobs pickled since start carried: distinct storages (each sent once, out of
+    band), the references to them, their bytes and the stream's. Copies: fx_process_pool().stats()."""
+    return _torch_fx_wire.stats()
 
 
 def timed_call(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> tuple[_T, float, float]:
