@@ -319,3 +319,17 @@ def set_fx_input_serializer(serialize: Any) -> None:
     if _torch_fx_input_serialize is None:
         _torch_fx_input_serialize = cls.__dict__["serialize"]
     cls.serialize = serialize
+
+
+@contextmanager
+def fx_process_pool_as(pool: Any) -> Iterator[None]:
+    """Send subprocess FX compiles to ``pool`` (anything with ``submit(fn, *args) -> Future``) for
+    the block, instead of the pool ``_SubprocessFxCompile.process_pool()`` builds: for the
+    benchmark, which compiles through each pool it compares."""
+    fx = _import("torch._inductor.compile_fx_subproc")._SubprocessFxCompile
+    saved = fx.__dict__["process_pool"]
+    fx.process_pool = staticmethod(lambda: pool)
+    try:
+        yield
+    finally:
+        fx.process_pool = saved

@@ -31,11 +31,13 @@ except that storages name an index into the job's buffers.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import io
 import pickle
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -164,6 +166,25 @@ def enable() -> bool:
 
 def disable() -> None:
     _torch_compat.set_fx_input_serializer(None)
+
+
+def is_enabled() -> bool:
+    return SUPPORTED and _torch_fx_wire_serialize() is serialize
+
+
+def _torch_fx_wire_serialize() -> Any:
+    return _WireProtocolInput.__dict__.get("serialize")
+
+
+@contextlib.contextmanager
+def enabled(on: bool) -> Iterator[None]:
+    """Storages out of band (True) or torch's own pickling (False) for the block."""
+    was = is_enabled()
+    enable() if on else disable()
+    try:
+        yield
+    finally:
+        enable() if was else disable()
 
 
 # --- the worker's side: storages rebuilt from the job's buffers ---------------------------------

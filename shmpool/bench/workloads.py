@@ -36,10 +36,11 @@ TRITON_KERNELS = 16
 BASE_TIMEOUT_S = 60.0
 SLOW_BYTES_PER_S = 20e6
 
-WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx")
+WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx", "frozen-fx")
 # Left out of --quick, each would cost the quick run a third of its one-minute budget on 2 cores:
 # triton imports triton in every worker and compiles 16 kernels (~2 s) per repetition per pool;
-# fx imports torch in every worker of every pool (~3 s each) before the first timed job.
+# fx imports torch in every worker of every pool (~3 s each) before the first timed job; frozen-fx
+# compiles for real (seconds to minutes a repetition).
 QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput")
 
 
@@ -80,6 +81,8 @@ class Case:
     timeout_s: float | None = None  # deadline of one repetition; None: from bytes_moved and jobs
     rep_factor: int = 1  # cheap cases run this many times --repeat, for a steadier median
     warm_arg: Any = None  # what the untimed warm-up run gets instead of the payload (None: the payload)
+    floor_fn: Callable[[Any], float] | None = None  # seconds for the payload without a pool (a floor column)
+    floor_label: str = ""  # that column's name in the table
 
     @property
     def timeout(self) -> float:
@@ -270,6 +273,48 @@ def fx_cases(big: int, graph_layers: int = 1000) -> list[Case]:
     ]
 
 
+# ---------------------------------------------------------------- frozen-fx
+# (layers, width) of the frozen MLPs: 16 MiB (quick), 256 MiB in one layer and in four (full). On
+# the 23 GiB, 2-core machine these were measured on, 1-4 GiB fit shmpool and in-process compile but
+# not torch's pool (killed past 18 GiB at 2 GiB): scripts/frozen_fx.py measures those, one per process.
+FROZEN_QUICK = [(4, 1024)]
+FROZEN_FULL = [(1, 8192), (4, 4096)]
+# A compile of 256 MiB took 10-45 s here, torch's pool the slowest; 30 s per 16 MiB is a hang.
+FROZEN_BASE_TIMEOUT_S = 120.0
+
+
+def _frozen_payload(layers: int, width: int):
+    from shmpool.bench import frozen_fx
+
+    return frozen_fx.make_model(layers, width)
+
+
+def run_frozen_fx(pool, payload, timeout):
+    from shmpool.bench import frozen_fx
+
+    frozen_fx.compile_in_pool(pool, payload, out_of_band=pool.name.startswith("shmpool"))
+    return {}
+
+
+def _frozen_floor(payload) -> float:
+    from shmpool.bench import frozen_fx
+
+    return frozen_fx.in_process_seconds(payload)
+
+
+def frozen_fx_cases(shapes: list[tuple[int, int]]) -> list[Case]:
+    skip = None if importlib.util.find_spec("torch") else "torch not installed"
+    out = []
+    for layers, width in shapes:
+        nbytes = layers * (width * width + width) * 4
+        out.append(Case("frozen-fx", f"mlp-{layers}x{width}", nbytes, nbytes,
+                        (lambda layers=layers, width=width: _frozen_payload(layers, width)), run_frozen_fx,
+                        warm_modules=("torch", "torch._inductor.compile_fx_subproc"), skip=skip,
+                        timeout_s=FROZEN_BASE_TIMEOUT_S + 30.0 * nbytes / (16 * MiB),
+                        floor_fn=_frozen_floor, floor_label="in-process"))
+    return out
+
+
 def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
     out: list[Case] = []
     for name in names:
@@ -285,6 +330,8 @@ def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
             out += triton_cases()
         elif name == "fx":
             out += fx_cases(big)
+        elif name == "frozen-fx":
+            out += frozen_fx_cases(FROZEN_FULL if big >= FULL_BIG else FROZEN_QUICK)
         else:
             raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return out
