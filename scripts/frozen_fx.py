@@ -76,3 +76,243 @@ while not select.select([sys.stdin], [], [], %r)[0]:
 peak = max(peak, used())
 print(peak - base, flush=True)
 """ % SAMPLE_S
+
+
+@dataclasses.dataclass
+class Run:
+    model: str
+    mode: str
+    weight_bytes: int
+    wall_s: float = 0.0
+    ipc_s: float | None = None
+    serialize_s: float | None = None
+    to_worker_s: float | None = None
+    deserialize_s: float | None = None
+    from_worker_s: float | None = None
+    peak_growth_bytes: int = 0
+    sent_bytes: int | None = None
+    copied_bytes: int | None = None
+    max_abs_err: float = 0.0
+    error: str | None = None
+
+    @property
+    def peak_x(self) -> float:
+        return self.peak_growth_bytes / self.weight_bytes
+
+
+def _now() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)  # one clock across processes on Linux
+
+
+def build_model(spec: str) -> tuple[Any, Any]:
+    import torch
+
+    layers, width = (int(v) for v in spec.split("x"))
+    torch.manual_seed(0)
+    mods: list[Any] = []
+    with torch.no_grad():
+        for i in range(layers):
+            lin = torch.nn.Linear(width, width, bias=True)
+            # Small weights keep the activations finite through many layers; init is not timed.
+            lin.weight.normal_(0.0, 1.0 / width**0.5)
+            mods += [lin, torch.nn.ReLU()] if i < layers - 1 else [lin]
+    return torch.nn.Sequential(*mods).eval(), torch.randn(2, width)
+
+
+def warm_worker() -> int:
+    """Runs in the worker before timing: import what unpickling an FX job imports (inductor's
+    compile_fx and the FX-job classes), as a worker that has served a compile already has."""
+    import importlib
+
+    for name in ("torch._inductor.compile_fx", "torch._inductor.compile_fx_ext", "torch._inductor.compile_fx_subproc"):
+        importlib.import_module(name)
+    return os.getpid()
+
+
+def timed_fx_job(fn: Any, pickled_input: Any, extra_env: Any) -> tuple[Any, float, float, float]:
+    """Runs in the worker: torch's FX job, with its input's unpickling timed."""
+    inner = pickled_input.deserialize
+
+    def deserialize() -> Any:
+        t = _now()
+        out = inner()
+        spans.append(_now() - t)
+        return out
+
+    spans: list[float] = []
+    pickled_input.deserialize = deserialize
+    start = _now()
+    result = fn(pickled_input, extra_env)
+    return result, start, _now(), spans[0] if spans else 0.0
+
+
+def _instrument(pool: Any, rec: dict[str, float]) -> None:
+    """Time the parent's pickling of the FX job and the job's trip through ``pool``."""
+    from concurrent.futures import Future
+
+    from shmpool import _torch_compat
+
+    cls = _torch_compat.fx_wire_classes()[0]  # _WireProtocolInput
+    serialize = cls.serialize
+
+    def timed_serialize(self: Any) -> Any:
+        t = _now()
+        out = serialize(self)
+        rec["serialize"] = _now() - t
+        rec["sent"] = len(out.value) + sum(memoryview(b).nbytes for b in getattr(out, "buffers", ()))
+        return out
+
+    cls.serialize = timed_serialize
+    inner_submit = pool.submit
+
+    def submit(fn: Any, *args: Any) -> Future[Any]:
+        import frozen_fx  # by name: the worker cannot import a script's __main__
+
+        rec["submit"] = _now()
+        outer: Future[Any] = Future()
+
+        def done(f: Future[Any]) -> None:
+            rec["resolved"] = _now()
+            try:
+                result, rec["start"], rec["end"], rec["deserialize"] = f.result()
+            except BaseException as e:  # noqa: BLE001 - handed on to the caller
+                outer.set_exception(e)
+                return
+            outer.set_result(result)
+
+        inner_submit(frozen_fx.timed_fx_job, fn, *args).add_done_callback(done)
+        return outer
+
+    pool.submit = submit
+
+
+def run_one(spec: str, mode: str) -> Run:
+    """One configuration, in this (fresh) process."""
+    cache = tempfile.mkdtemp(prefix="frozen-fx-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+    import torch
+    import torch._inductor.config as cfg
+
+    import shmpool.torch
+
+    cfg.freezing = True
+    cfg.cpp.weight_prepack = False
+    cfg.compile_threads = 1  # no async kernel pool: on CPU it would only run a no-op
+    model, x = build_model(spec)
+    weights = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    run = Run(spec, mode, weights)
+    rec: dict[str, float] = {}
+    pool = None
+    if mode != "inprocess":
+        if mode == "shmpool":
+            shmpool.torch.install()
+        pool = shmpool.torch.fx_process_pool()
+        import frozen_fx
+
+        pool.submit(frozen_fx.warm_worker).result(timeout=RUN_DEADLINE_S)  # started and ready
+        _instrument(pool, rec)
+    with torch.no_grad():
+        expected = model(x)
+    before = pool.stats() if mode == "shmpool" else None
+    limit = MEMORY_LIMIT_BYTES - weights
+    sampler = subprocess.Popen([sys.executable, "-c", _SAMPLER, str(limit)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    assert sampler.stdout is not None and sampler.stdin is not None
+    sampler.stdout.readline()
+    try:
+        with torch.no_grad():
+            if mode == "inprocess":
+                t = time.perf_counter()
+                out = torch.compile(model)(x)
+            else:
+                with shmpool.torch.subprocess_fx_compile():
+                    t = time.perf_counter()
+                    out = torch.compile(model)(x)
+            run.wall_s = time.perf_counter() - t
+    finally:
+        sampler.stdin.close()
+        run.peak_growth_bytes = int(sampler.stdout.readline())
+        sampler.wait()
+    torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
+    run.max_abs_err = float((out - expected).abs().max())
+    counts = shmpool.torch.fx_compile_counts()
+    if mode != "inprocess":
+        if counts.get("_InProcessFxCompile", 0) or counts.get("_SubprocessFxCompile", 0) != 1:
+            raise RuntimeError(f"expected one subprocess compile, saw {counts}")
+        run.serialize_s = rec["serialize"]
+        run.to_worker_s = rec["start"] - rec["submit"]
+        run.deserialize_s = rec["deserialize"]
+        run.from_worker_s = rec["resolved"] - rec["end"]
+        run.ipc_s = run.serialize_s + run.to_worker_s + run.deserialize_s + run.from_worker_s
+        run.sent_bytes = int(rec["sent"])
+    if before is not None:
+        after = pool.stats()  # type: ignore[union-attr]
+        run.copied_bytes = after.copied_to_workers - before.copied_to_workers
+        run.sent_bytes = after.bytes_to_workers - before.bytes_to_workers
+    return run
+
+
+def spawn_one(spec: str, mode: str) -> Run:
+    """Run one configuration in a fresh interpreter; a crash or a kill becomes Run.error."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "scripts"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-c", f"import frozen_fx, json, dataclasses; "
+           f"print('RESULT', json.dumps(dataclasses.asdict(frozen_fx.run_one({spec!r}, {mode!r}))))"]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=RUN_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        return Run(spec, mode, 0, error=f"no result in {RUN_DEADLINE_S:.0f} s")
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return Run(**json.loads(line[len("RESULT "):]))
+    killed = [line for line in proc.stderr.splitlines() if line.startswith("killed ")]
+    if killed:
+        growth = int(killed[-1].split()[1])
+        return Run(spec, mode, 0, error=f"killed at {growth / 2**30:.1f} GiB growth (limit {MEMORY_LIMIT_BYTES / 2**30:.1f} GiB in all)")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return Run(spec, mode, 0, error=f"exit {proc.returncode}: {' | '.join(tail)}")
+
+
+def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def table(runs: list[Run]) -> str:
+    lines = ["| model | weights | mode | wall s | IPC s (pickle / to worker / unpickle / back) | peak growth | copies in | sent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        if r.error:
+            lines.append(f"| {r.model} | | {r.mode} | failed: {r.error} | | | | |")
+            continue
+        ipc = "-" if r.ipc_s is None else (
+            f"{r.ipc_s:.2f} ({r.serialize_s:.2f} / {r.to_worker_s:.2f} / {r.deserialize_s:.2f} / {r.from_worker_s:.2f})")
+        copies = None if r.copied_bytes is None else r.copied_bytes / r.weight_bytes
+        sent = None if r.sent_bytes is None else r.sent_bytes / r.weight_bytes
+        lines.append(f"| {r.model} | {r.weight_bytes / 2**20:.0f} MiB | {r.mode} | {r.wall_s:.1f} | {ipc} | "
+                     f"{r.peak_x:.1f}x | {_fmt(copies, '.2f', 'x')} | {_fmt(sent, '.2f', 'x')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1x8192", help="LAYERSxWIDTH, comma separated (default 1x8192: 256 MiB)")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma separated subset of {','.join(MODES)}")
+    ap.add_argument("--json", metavar="PATH", help="append every run, one JSON object a line")
+    args = ap.parse_args()
+    runs = []
+    for spec in args.model.split(","):
+        for mode in args.modes.split(","):
+            if mode not in MODES:
+                raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            run = spawn_one(spec.strip(), mode)
+            runs.append(run)
+            print(table([run]).splitlines()[-1], flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(dataclasses.asdict(run)) + "\n")
+    print()
+    print(table(runs))
+
+
+if __name__ == "__main__":
+    main()
