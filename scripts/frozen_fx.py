@@ -3,6 +3,7 @@
     python scripts/frozen_fx.py                              # 256 MiB (1 x 8192^2), all three
     python scripts/frozen_fx.py --model 4x8192 --modes inprocess,shmpool
     python scripts/frozen_fx.py --model 1x8192,4x4096 --json out.json
+    python scripts/frozen_fx.py --model 4x16384 --modes inprocess,shmpool --reps 3
 
 A model is fp32 ``nn.Sequential`` of LAYERS square ``Linear(WIDTH, WIDTH)`` with ReLUs between,
 compiled with ``torch._inductor.config.freezing=True`` (``cpp.weight_prepack=False``, which the
@@ -293,25 +294,42 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+def medians(runs: list[Run]) -> list[Run]:
+    """One Run per (model, mode): the median wall time's run (failed runs kept if all failed)."""
+    out = []
+    for key in dict.fromkeys((r.model, r.mode) for r in runs):
+        group = [r for r in runs if (r.model, r.mode) == key]
+        ok = sorted((r for r in group if not r.error), key=lambda r: r.wall_s)
+        out.append(ok[(len(ok) - 1) // 2] if ok else group[-1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="1x8192", help="LAYERSxWIDTH, comma separated (default 1x8192: 256 MiB)")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma separated subset of {','.join(MODES)}")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="runs of each configuration, the order of the modes rotating each time (default 1)")
     ap.add_argument("--json", metavar="PATH", help="append every run, one JSON object a line")
     args = ap.parse_args()
+    modes = [m.strip() for m in args.modes.split(",")]
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     runs = []
     for spec in args.model.split(","):
-        for mode in args.modes.split(","):
-            if mode not in MODES:
-                raise SystemExit(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-            run = spawn_one(spec.strip(), mode)
-            runs.append(run)
-            print(table([run]).splitlines()[-1], flush=True)
-            if args.json:
-                with open(args.json, "a") as f:
-                    f.write(json.dumps(dataclasses.asdict(run)) + "\n")
+        for rep in range(args.reps):
+            for mode in modes[rep % len(modes):] + modes[: rep % len(modes)]:
+                run = spawn_one(spec.strip(), mode)
+                runs.append(run)
+                print(table([run]).splitlines()[-1], flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(dataclasses.asdict(run)) + "\n")
     print()
-    print(table(runs))
+    print(table(medians(runs) if args.reps > 1 else runs))
+    if args.reps > 1:
+        print(f"(the run with the median wall time of {args.reps} per row)")
 
 
 if __name__ == "__main__":

@@ -25,9 +25,12 @@ its reply is sent and then frees: a compile that keeps no tensor past the job ke
 Inductor may write into what it thinks are its weights (it does not, in the frozen-weight paths
 read for this); such writes land in the job's private slot, never in the parent's tensors.
 
-Only the FX job's *input* changes; the compiled result comes back as torch pickles it, and the
-worker still runs torch's ``_run_in_child_subprocess`` unchanged: the stream is torch's own format,
-except that storages name an index into the job's buffers.
+Only the FX job's *input* changes; the compiled result comes back as torch pickles it (it carries
+no weights: the parent takes the frozen constants from its own graph), and the worker still runs
+torch's ``_run_in_child_subprocess`` unchanged: the stream is torch's own format, except that
+storages name an index into the job's buffers. While installed this holds for every serialized
+FX-compile mode: ``_DebugSerdeFxCompile`` (in-process) works the same way; ``_DebugFileFxCompile``
+writes ``.value`` alone to a file and would lose the weights, so uninstall before using it.
 """
 from __future__ import annotations
 
@@ -169,11 +172,7 @@ def disable() -> None:
 
 
 def is_enabled() -> bool:
-    return SUPPORTED and _torch_fx_wire_serialize() is serialize
-
-
-def _torch_fx_wire_serialize() -> Any:
-    return _WireProtocolInput.__dict__.get("serialize")
+    return SUPPORTED and _WireProtocolInput.__dict__.get("serialize") is serialize
 
 
 @contextlib.contextmanager
