@@ -105,7 +105,9 @@ def warm_worker(hold_s: float) -> int:
         import torch
 
         with _fresh_compile():
-            torch.compile(torch.nn.Linear(8, 8).eval())(torch.randn(2, 8))
+            # A ReLU between two layers makes a C++ kernel: the toolchain is probed and used here.
+            tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8)).eval()
+            torch.compile(tiny)(torch.randn(2, 8))
         _warmed_in_this_process = True
     time.sleep(hold_s)
     return os.getpid()
