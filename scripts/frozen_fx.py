@@ -22,7 +22,9 @@ Each (model, mode) runs in a fresh process, which:
 - for a pool, splits out IPC: pickling the job in the parent, submit to the worker starting it,
   unpickling in the worker, and the result back (to the future resolving).
 
-Columns: wall (s), ipc (s), peak (system-wide peak growth / weight bytes), copies (shmpool: payload
+Columns: wall (s), in worker (s: the job in the worker, unpickling and compile), ipc (s), peak (system-wide peak growth / weight bytes; in brackets the run's own:
+the private memory (RssAnon) of this process and its children plus the machine's shared memory,
+which the neighbours' jobs on a shared machine move far less), copies (shmpool: payload
 bytes memcpy'd on the way in / weight bytes, from the pool's stats; torch: pickled job bytes /
 weight bytes, each of them then copied several times more), sent (payload bytes / weight bytes).
 The machine is shared: memory growth includes whatever else ran meanwhile.
@@ -59,26 +61,51 @@ _SAMPLER = r"""
 import os, select, signal, sys
 import psutil
 limit = int(sys.argv[1])
-def used():
+me, parent = os.getpid(), psutil.Process(os.getppid())
+def meminfo():
     with open("/proc/meminfo") as f:
         m = {l.split(":")[0]: int(l.split()[1]) for l in f}
-    return (m["MemTotal"] - m["MemAvailable"]) * 1024
-base = peak = used()
+    return (m["MemTotal"] - m["MemAvailable"]) * 1024, m["Shmem"] * 1024
+def tree_anon():
+    total = 0
+    try:
+        procs = [parent] + parent.children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        if p.pid == me:
+            continue
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+def ours():
+    # this run's own memory: private memory of this process tree plus shared memory (its memfds)
+    return tree_anon() + meminfo()[1]
+base, own_base = meminfo()[0], ours()
+peak, own_peak = base, own_base
 print("ready", flush=True)
+tick = 0
 while not select.select([sys.stdin], [], [], %r)[0]:
-    peak = max(peak, used())
+    peak, tick = max(peak, meminfo()[0]), tick + 1
+    if tick %% 5 == 0:  # the process tree every 100 ms: listing it costs CPU the compile needs
+        own_peak = max(own_peak, ours())
     if peak - base > limit:
-        parent = psutil.Process(os.getppid())
         for p in [parent] + parent.children(recursive=True):
-            if p.pid != os.getpid():
+            if p.pid != me:
                 try:
                     p.send_signal(signal.SIGKILL)
                 except psutil.Error:
                     pass
         print("killed", peak - base, file=sys.stderr, flush=True)
         sys.exit(3)
-peak = max(peak, used())
-print(peak - base, flush=True)
+peak, own_peak = max(peak, meminfo()[0]), max(own_peak, ours())
+print(peak - base, own_peak - own_base, flush=True)
 """ % SAMPLE_S
 
 
@@ -92,8 +119,10 @@ class Run:
     serialize_s: float | None = None
     to_worker_s: float | None = None
     deserialize_s: float | None = None
+    in_worker_s: float | None = None  # the job in the worker, its unpickling included
     from_worker_s: float | None = None
     peak_growth_bytes: int = 0
+    own_peak_growth_bytes: int = 0  # this run's processes' private memory plus shared memory
     sent_bytes: int | None = None
     copied_bytes: int | None = None
     max_abs_err: float = 0.0
@@ -102,6 +131,10 @@ class Run:
     @property
     def peak_x(self) -> float:
         return self.peak_growth_bytes / self.weight_bytes
+
+    @property
+    def own_peak_x(self) -> float:
+        return self.own_peak_growth_bytes / self.weight_bytes
 
 
 def _now() -> float:
@@ -258,7 +291,7 @@ def run_one(spec: str, mode: str) -> Run:
             run.wall_s = time.perf_counter() - t
     finally:
         sampler.stdin.close()
-        run.peak_growth_bytes = int(sampler.stdout.readline())
+        run.peak_growth_bytes, run.own_peak_growth_bytes = (int(v) for v in sampler.stdout.readline().split())
         sampler.wait()
     torch.testing.assert_close(out, expected, rtol=1e-3, atol=1e-3)
     run.max_abs_err = float((out - expected).abs().max())
@@ -269,6 +302,7 @@ def run_one(spec: str, mode: str) -> Run:
         run.serialize_s = rec["serialize"]
         run.to_worker_s = rec["start"] - rec["submit"]
         run.deserialize_s = rec["deserialize"]
+        run.in_worker_s = rec["end"] - rec["start"]
         run.from_worker_s = rec["resolved"] - rec["end"]
         run.ipc_s = run.serialize_s + run.to_worker_s + run.deserialize_s + run.from_worker_s
         run.sent_bytes = int(rec["sent"])
@@ -304,18 +338,18 @@ def _fmt(v: float | None, spec: str = ".1f", suffix: str = "") -> str:
 
 
 def table(runs: list[Run]) -> str:
-    lines = ["| model | weights | mode | wall s | IPC s (pickle / to worker / unpickle / back) | peak growth | copies in | sent |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | weights | mode | wall s | in worker s | IPC s (pickle / to worker / unpickle / back) | peak growth (own) | copies in | sent |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.error:
-            lines.append(f"| {r.model} | | {r.mode} | failed: {r.error} | | | | |")
+            lines.append(f"| {r.model} | | {r.mode} | failed: {r.error} | | | | | |")
             continue
         ipc = "-" if r.ipc_s is None else (
             f"{r.ipc_s:.2f} ({r.serialize_s:.2f} / {r.to_worker_s:.2f} / {r.deserialize_s:.2f} / {r.from_worker_s:.2f})")
         copies = None if r.copied_bytes is None else r.copied_bytes / r.weight_bytes
         sent = None if r.sent_bytes is None else r.sent_bytes / r.weight_bytes
-        lines.append(f"| {r.model} | {r.weight_bytes / 2**20:.0f} MiB | {r.mode} | {r.wall_s:.1f} | {ipc} | "
-                     f"{r.peak_x:.1f}x | {_fmt(copies, '.2f', 'x')} | {_fmt(sent, '.2f', 'x')} |")
+        lines.append(f"| {r.model} | {r.weight_bytes / 2**20:.0f} MiB | {r.mode} | {r.wall_s:.1f} | {_fmt(r.in_worker_s, ".2f")} | {ipc} | "
+                     f"{r.peak_x:.1f}x ({r.own_peak_x:.1f}x) | {_fmt(copies, '.2f', 'x')} | {_fmt(sent, '.2f', 'x')} |")
     return "\n".join(lines)
 
 

@@ -6,8 +6,9 @@
 After `install()`, the two pools inductor builds are shmpool pools:
 
 - the subprocess FX-compile pool (TORCHINDUCTOR_FX_COMPILE_MODE=subprocess), whose
-  job carries the whole pickled graph, frozen weights included, as one `bytes`
-  object: shmpool writes it straight into shared memory instead of down a pipe;
+  job carries the whole graph, frozen weights included: torch's pickled graph with
+  each distinct tensor storage taken out of it and written into shared memory once,
+  which the worker compiles against in place (`shmpool._torch_fx_wire`);
 - the async kernel-compile pool (config.worker_start_method = "subprocess"), still
   woken by `AsyncCompile.wakeup()`, because our pool class derives from torch's.
 
