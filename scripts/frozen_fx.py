@@ -348,7 +348,7 @@ def table(runs: list[Run]) -> str:
             f"{r.ipc_s:.2f} ({r.serialize_s:.2f} / {r.to_worker_s:.2f} / {r.deserialize_s:.2f} / {r.from_worker_s:.2f})")
         copies = None if r.copied_bytes is None else r.copied_bytes / r.weight_bytes
         sent = None if r.sent_bytes is None else r.sent_bytes / r.weight_bytes
-        lines.append(f"| {r.model} | {r.weight_bytes / 2**20:.0f} MiB | {r.mode} | {r.wall_s:.1f} | {_fmt(r.in_worker_s, ".2f")} | {ipc} | "
+        lines.append(f"| {r.model} | {r.weight_bytes / 2**20:.0f} MiB | {r.mode} | {r.wall_s:.1f} | {_fmt(r.in_worker_s, '.2f')} | {ipc} | "
                      f"{r.peak_x:.1f}x ({r.own_peak_x:.1f}x) | {_fmt(copies, '.2f', 'x')} | {_fmt(sent, '.2f', 'x')} |")
     return "\n".join(lines)
 
