@@ -378,3 +378,76 @@ def worker_probe() -> dict[str, Any]:
         "in_toplevel_process": in_toplevel_process(),
         "env": {name: os.environ.get(name) for name in (*_PARENT_ENV_VARS, "TORCH_WARM_POOL", "TRITON_PTXAS_PATH")},
     }
+
+
+# --- Subprocess FX jobs with their tensor storages out of band (issue 11) -------------------
+#
+# torch pickles a subprocess FX job with `GraphPickler.dumps` into one `bytes`, and every CPU
+# storage in it through `TypedStorage.__reduce__`, which `torch.save`s it into bytes of its own:
+# once per tensor object, so a frozen weight that is both a graph constant and a parameter of the
+# module kept in the tracing context is saved twice. `shmpool._torch_fx_wire` pickles the same job
+# with a GraphPickler subclass that turns each distinct storage into one out-of-band buffer
+# instead. These functions are its only contact with torch's private names. Checked against torch
+# 2.13.0 (run: tests/torch/test_frozen_weights.py); 2.14.1's compile_fx_ext.py and
+# fx/_graph_pickler.py define the same names with the same signatures (source read, not run).
+
+
+def fx_wire_classes() -> tuple[type, type, type] | None:
+    """``(_WireProtocolInput, _WireProtocolPickledInput, GraphPickler)``, or None when this torch
+    lacks one of them (shmpool then leaves torch's own pickling of FX jobs alone)."""
+    try:
+        ext = _import("torch._inductor.compile_fx_ext")
+        gp = _import("torch.fx._graph_pickler")
+        classes = (ext._WireProtocolInput, ext._WireProtocolPickledInput, gp.GraphPickler)
+    except (ImportError, AttributeError):
+        return None
+    if not all(hasattr(c, m) for c, m in zip(classes, ("serialize", "deserialize", "reducer_override"))):
+        return None
+    if not hasattr(gp, "patch_pytree_map_over_slice"):
+        return None
+    return classes
+
+
+def graph_pickler_dump(pickler_cls: type, obj: object, file: Any) -> Any:
+    """Pickle ``obj`` into ``file`` with ``pickler_cls`` (a GraphPickler subclass) the way
+    ``GraphPickler.dumps`` does, and return the pickler, which holds what it collected."""
+    gp = _import("torch.fx._graph_pickler")
+    with gp.patch_pytree_map_over_slice():
+        pickler = pickler_cls(file)
+        pickler.dump(obj)
+    return pickler
+
+
+_torch_fx_input_serialize: Any = None  # torch's own, while ours is in place
+
+
+def set_fx_input_serializer(serialize: Any) -> None:
+    """Make ``_WireProtocolInput.serialize`` (what ``_SerializedFxCompile.serialize_compile``
+    calls to pickle an FX job) ``serialize``; None gives torch's own back. Idempotent.
+
+    Patched on torch's class because serialize_compile builds the input and pickles it in one
+    method: the pool is only ever handed the finished bytes."""
+    global _torch_fx_input_serialize
+    cls = _import("torch._inductor.compile_fx_ext")._WireProtocolInput
+    if serialize is None:
+        if _torch_fx_input_serialize is not None:
+            cls.serialize = _torch_fx_input_serialize
+            _torch_fx_input_serialize = None
+        return
+    if _torch_fx_input_serialize is None:
+        _torch_fx_input_serialize = cls.__dict__["serialize"]
+    cls.serialize = serialize
+
+
+@contextmanager
+def fx_process_pool_as(pool: Any) -> Iterator[None]:
+    """Send subprocess FX compiles to ``pool`` (anything with ``submit(fn, *args) -> Future``) for
+    the block, instead of the pool ``_SubprocessFxCompile.process_pool()`` builds: for the
+    benchmark, which compiles through each pool it compares."""
+    fx = _import("torch._inductor.compile_fx_subproc")._SubprocessFxCompile
+    saved = fx.__dict__["process_pool"]
+    fx.process_pool = staticmethod(lambda: pool)
+    try:
+        yield
+    finally:
+        fx.process_pool = saved

@@ -6,8 +6,9 @@
 After `install()`, the two pools inductor builds are shmpool pools:
 
 - the subprocess FX-compile pool (TORCHINDUCTOR_FX_COMPILE_MODE=subprocess), whose
-  job carries the whole pickled graph, frozen weights included, as one `bytes`
-  object: shmpool writes it straight into shared memory instead of down a pipe;
+  job carries the whole graph, frozen weights included: torch's pickled graph with
+  each distinct tensor storage taken out of it and written into shared memory once,
+  which the worker compiles against in place (`shmpool._torch_fx_wire`);
 - the async kernel-compile pool (config.worker_start_method = "subprocess"), still
   woken by `AsyncCompile.wakeup()`, because our pool class derives from torch's.
 
@@ -45,12 +46,15 @@ from shmpool.errors import SubprocException
 
 _torch_compat.check_supported()
 
+from shmpool import _torch_fx_wire  # noqa: E402  (needs the torch names checked above)
+
 __all__ = [
     "TorchSubprocException",
     "TorchSubprocPool",
     "async_compile_pool",
     "fx_compile_counts",
     "fx_process_pool",
+    "fx_wire_stats",
     "install",
     "installed",
     "is_installed",
@@ -169,6 +173,7 @@ def install(
         saved = _torch_compat.pool_globals()
         _torch_compat.set_pool_globals({name: pool_class for name in saved})
         _saved_globals = saved
+        _torch_fx_wire.enable()  # FX jobs' tensor storages out of band (issue 11)
 
 
 def uninstall() -> None:
@@ -179,6 +184,7 @@ def uninstall() -> None:
             return
         _torch_compat.set_pool_globals(_saved_globals)
         _saved_globals = None
+        _torch_fx_wire.disable()
 
 
 def is_installed() -> bool:
@@ -226,3 +232,10 @@ def fx_compile_counts() -> dict[str, int]:
 
 def clear_fx_compile_counts() -> None:
     _torch_compat.clear_fx_compile_counts()
+
+
+def fx_wire_stats() -> _torch_fx_wire.FxWireStats:
+    """What the FX jobs pickled since start carried: distinct storages (each sent once, out of
+    band), the references to them, their bytes and the stream's. Copies: fx_process_pool().stats()."""
+    return _torch_fx_wire.stats()
+

@@ -74,7 +74,8 @@ def table(results: list[Result], pools: list[str], baseline: str | None) -> str:
         cases = list(dict.fromkeys(r.case for r in rs))
         by = {(r.case, r.pool): r for r in rs}
         metric = "jobs" if w in ("throughput",) else ("gbps" if w == "payload" else "time")
-        header = [w] + (["memcpy x2"] if w == "payload" else []) + pools
+        floor_label = next((r.floor_label for r in rs if r.floor_s is not None), None)
+        header = [w] + (["memcpy x2"] if w == "payload" else []) + ([floor_label] if floor_label else []) + pools
         rows = []
         for c in cases:
             base = by.get((c, baseline))
@@ -82,6 +83,9 @@ def table(results: list[Result], pools: list[str], baseline: str | None) -> str:
             if w == "payload":
                 f = next((by[(c, p)].memcpy_floor_s for p in pools if (c, p) in by), None)
                 row.append(_ms(2 * f) if f is not None else "-")
+            if floor_label:
+                f = next((by[(c, p)].floor_s for p in pools if (c, p) in by), None)
+                row.append(_ms(f) if f is not None else "-")
             row += [_cell(by[(c, p)], base, metric) if (c, p) in by else "-" for p in pools]
             rows.append(row)
             if w == "throughput":

@@ -45,6 +45,8 @@ class Result:
     gb_per_s: float | None = None  # bytes_moved / median, decimal GB
     jobs_per_s: float | None = None
     memcpy_floor_s: float | None = None  # one numpy.copyto of `size` bytes, same run
+    floor_s: float | None = None  # the case's own floor (Case.floor_fn), same run
+    floor_label: str = ""
     sys_peak_growth_bytes: int | None = None  # from one extra untimed repetition, sampled
     rss_peak_growth_bytes: int | None = None
     copies_per_byte: float | None = None  # shmpool only: copied / bytes, both directions
@@ -114,6 +116,7 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
 
     payload = case.setup()
     floor = memcpy_floor(case.size, FLOOR_REPS) if case.floor and case.size else None
+    case_floor = case.floor_fn(payload) if case.floor_fn is not None else None
     live: list[PoolUnderTest] = []
     before: dict[str, dict | None] = {}
     extras: dict[str, list[dict]] = {p.name: [] for p in pools}
@@ -130,6 +133,7 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
     # warm-up: start, import what the workload needs in every worker, one untimed run
     for p in pools:
         results[p.name].memcpy_floor_s = floor
+        results[p.name].floor_s, results[p.name].floor_label = case_floor, case.floor_label
         if case.only_pools is not None and p.name not in case.only_pools:
             results[p.name].status = f"skipped: {case.workload} compares {' and '.join(case.only_pools)} only"
             tick(f"{case.name} {p.name}")

@@ -36,11 +36,12 @@ TRITON_KERNELS = 16
 BASE_TIMEOUT_S = 60.0
 SLOW_BYTES_PER_S = 20e6
 
-WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx", "torch-warmup")
+WORKLOADS = ("payload", "oneway", "numpy", "throughput", "triton", "fx", "torch-warmup", "frozen-fx")
 # Left out of --quick, each would cost the quick run a third of its one-minute budget on 2 cores:
 # triton imports triton in every worker and compiles 16 kernels (~2 s) per repetition per pool;
 # fx imports torch in every worker of every pool (~3 s each) before the first timed job;
-# torch-warmup starts a fresh interpreter and a pool of 8 per repetition (~10 s each).
+# torch-warmup starts a fresh interpreter and a pool of 8 per repetition (~10 s each); frozen-fx
+# compiles for real (seconds to minutes a repetition).
 QUICK_WORKLOADS = ("payload", "oneway", "numpy", "throughput")
 
 
@@ -82,6 +83,8 @@ class Case:
     rep_factor: int = 1  # cheap cases run this many times --repeat, for a steadier median
     warm_arg: Any = None  # what the untimed warm-up run gets instead of the payload (None: the payload)
     only_pools: tuple[str, ...] | None = None  # run on these pools only (None: every pool)
+    floor_fn: Callable[[Any], float] | None = None  # seconds for the payload without a pool (a floor column)
+    floor_label: str = ""  # that column's name in the table
 
     @property
     def timeout(self) -> float:
@@ -292,6 +295,52 @@ def torch_warmup_cases(workers: int = 8) -> list[Case]:
     skip = None if importlib.util.find_spec("torch") else "torch not installed"
     return [Case("torch-warmup", f"{workers}-workers", 0, 0, lambda: workers, run_torch_warmup,
                  skip=skip, timeout_s=torch_warmup.RUN_TIMEOUT_S, only_pools=tuple(TORCH_WARMUP_POOLS))]
+# ---------------------------------------------------------------- frozen-fx
+# (layers, width) of the frozen MLPs: 16 MiB (quick), 256 MiB in one layer and in four (full). On
+# the 23 GiB, 2-core machine these were measured on, 1-4 GiB fit shmpool and in-process compile but
+# not torch's pool (killed past 18 GiB at 2 GiB): scripts/frozen_fx.py measures those, one per process.
+FROZEN_QUICK = [(4, 1024)]
+FROZEN_FULL = [(1, 8192), (4, 4096)]
+# A compile of 256 MiB took 10-45 s here, torch's pool the slowest; 30 s per 16 MiB is a hang.
+FROZEN_BASE_TIMEOUT_S = 120.0
+
+
+def _frozen_payload(layers: int, width: int):
+    from shmpool.bench import frozen_fx
+
+    return frozen_fx.make_model(layers, width)
+
+
+_frozen_warmed: set[int] = set()  # pools (by id) whose every worker has compiled once
+
+
+def run_frozen_fx(pool, payload, timeout):
+    from shmpool.bench import frozen_fx
+
+    if id(pool.pool) not in _frozen_warmed:  # a worker's first compile is slow on every pool
+        frozen_fx.warm_workers(pool, pool.workers, timeout)
+        _frozen_warmed.add(id(pool.pool))
+    frozen_fx.compile_in_pool(pool, payload, out_of_band=pool.name.startswith("shmpool"))
+    return {}
+
+
+def _frozen_floor(payload) -> float:
+    from shmpool.bench import frozen_fx
+
+    return frozen_fx.in_process_seconds(payload)
+
+
+def frozen_fx_cases(shapes: list[tuple[int, int]]) -> list[Case]:
+    skip = None if importlib.util.find_spec("torch") else "torch not installed"
+    out = []
+    for layers, width in shapes:
+        nbytes = layers * (width * width + width) * 4  # weights and biases: what crosses
+        out.append(Case("frozen-fx", f"mlp-{layers}x{width}", nbytes, nbytes,
+                        (lambda layers=layers, width=width: _frozen_payload(layers, width)), run_frozen_fx,
+                        warm_modules=("torch", "torch._inductor.compile_fx_subproc"), skip=skip,
+                        timeout_s=FROZEN_BASE_TIMEOUT_S + 30.0 * nbytes / (16 * MiB),
+                        floor_fn=_frozen_floor, floor_label="in-process"))
+    return out
 
 
 def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
@@ -311,6 +360,8 @@ def build(names: list[str], sizes: list[int], big: int) -> list[Case]:
             out += fx_cases(big)
         elif name == "torch-warmup":
             out += torch_warmup_cases()
+        elif name == "frozen-fx":
+            out += frozen_fx_cases(FROZEN_FULL if big >= FULL_BIG else FROZEN_QUICK)
         else:
             raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return out
