@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -703,6 +704,12 @@ class Dispatcher:
         for w in workers:
             if w.proc is not None:
                 stop_process(w.proc, max(0.0, deadline - time.monotonic()), TERM_GRACE)
+        forked = [w for w in workers if w.proc is None and w.pidfd >= 0]
+        _await_exits([w.pidfd for w in forked], deadline)  # FORK workers: the helper reaps them
+        for w in forked:
+            self._signal(w, signal.SIGKILL)  # (a no-op for one that exited)
+        _await_exits([w.pidfd for w in forked], time.monotonic() + TERM_GRACE)
+        for w in workers:
             if w.pidfd >= 0:
                 os.close(w.pidfd)
                 w.pidfd = -1
@@ -717,6 +724,21 @@ class Dispatcher:
             os.close(self._wake_w)
             self._wake_w = -1
         self.all_exited.set()
+
+
+def _await_exits(pidfds: list[int], deadline: float) -> None:
+    """Wait until every process behind ``pidfds`` has exited, or ``deadline`` passes."""
+    poller = select.poll()
+    waiting = set(pidfds)
+    for fd in waiting:
+        poller.register(fd, select.POLLIN)
+    while waiting:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for fd, _ in poller.poll(left * 1000):
+            poller.unregister(fd)
+            waiting.discard(fd)
 
 
 def _start_cause(e: BaseException) -> str:
