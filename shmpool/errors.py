@@ -1,7 +1,9 @@
 """The exceptions a shmpool future can fail with. Each says what happened and what to do."""
 from __future__ import annotations
 
+import functools
 import signal
+import sys
 import traceback
 from concurrent.futures.process import BrokenProcessPool
 
@@ -20,6 +22,49 @@ class SubprocException(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.details, self.name))
+
+
+# Where torch keeps its own SubprocException (the one inductor catches to name a failing kernel).
+TORCH_POOL_MODULE = "torch._inductor.compile_worker.subproc_pool"
+
+
+def remote_error(details: str, name: str = "<unknown>") -> SubprocException:
+    """What a job that raised in its worker fails with: a SubprocException, which is torch's own
+    class too whenever torch's pool module is loaded in this process, so that torch code and
+    tests catching torch's class work on any shmpool pool. Imports nothing: a process that
+    never loaded torch gets shmpool's class alone."""
+    torch_class = getattr(sys.modules.get(TORCH_POOL_MODULE), "SubprocException", None)
+    if isinstance(torch_class, type) and issubclass(torch_class, BaseException):
+        return torch_flavoured(torch_class)(details, name)
+    return SubprocException(details, name)
+
+
+@functools.cache
+def torch_flavoured(torch_class: type) -> type[SubprocException]:
+    """shmpool's SubprocException that is also ``torch_class`` (torch's SubprocException)."""
+
+    class TorchSubprocException(SubprocException, torch_class):  # type: ignore[misc, valid-type]
+        """A job raised in its worker: both shmpool's SubprocException and torch's.
+
+        inductor's async_compile catches torch's class around every kernel future and re-raises
+        ``e.with_name(kernel_name)``; shmpool callers catch shmpool's. Message, ``details`` and
+        ``name`` are laid out as in both (torch's format: "An exception occurred in a
+        subprocess:\n\nName={name}\n{details}"); ``name`` starts as the job's exception class
+        name (torch's pool says "<unknown>" there) and ``with_name()`` keeps this class.
+        """
+
+        def __init__(self, details: str, name: str = "<unknown>") -> None:
+            # Not super().__init__: through this MRO that is torch's __init__, which would take
+            # the finished message for ``details`` and wrap it a second time.
+            self.details = details
+            self.name = name
+            Exception.__init__(self, f"An exception occurred in a subprocess:\n\nName={name}\n{details}")
+
+        def __reduce__(self) -> tuple[object, ...]:
+            return (remote_error, (self.details, self.name))  # torch's flavour where torch is loaded
+
+    TorchSubprocException.__module__ = __name__
+    return TorchSubprocException
 
 
 def describe_error(exc: BaseException, context: str = "") -> tuple[str, str]:

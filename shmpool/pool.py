@@ -47,7 +47,7 @@ from typing import Any
 from .codec import dump
 from .core import PoolCore, PoolStats
 from .dispatcher import JOIN_LIMIT, Dispatcher
-from .errors import PayloadTooLargeError, SubprocException, describe_job
+from .errors import PayloadTooLargeError, SubprocException, describe_job, remote_error
 from .interrupts import deferred_interrupt, interruptible
 from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
@@ -140,9 +140,9 @@ class SubprocPool:
     ``preload`` names modules the FORK helper imports once so forked workers start warm.
     """
 
-    # What a job that raised in its worker fails with: built as ``remote_error_class(details,
-    # name)``. torch's glue sets a class that is also torch's own SubprocException.
-    remote_error_class: type[SubprocException] = SubprocException
+    # What a job that raised in its worker fails with, built as ``remote_error_class(details,
+    # name)``: a SubprocException that is torch's too once torch is loaded (errors.remote_error).
+    remote_error_class: Callable[[str, str], SubprocException] = staticmethod(remote_error)
     _forked = False  # set in a forked child of the process that made the pool
 
     def __init__(

@@ -42,7 +42,7 @@ except ImportError as e:  # pragma: no cover - exercised only without torch
 
 from shmpool import SubprocKind, SubprocPool
 from shmpool import _torch_compat
-from shmpool.errors import SubprocException
+from shmpool.errors import torch_flavoured
 
 _torch_compat.check_supported()
 
@@ -72,23 +72,9 @@ __all__ = [
 DEFAULT_TORCH_RING_SIZE = 1 << 30
 
 
-class TorchSubprocException(SubprocException, _torch_compat.torch_subproc_exception_class()):  # type: ignore[misc]
-    """A job raised in a worker of a pool torch built: both shmpool's SubprocException and torch's.
-
-    inductor's async_compile catches torch's class around every kernel future and re-raises
-    `e.with_name(kernel_name)`; shmpool callers catch shmpool's. Message, `details` and
-    `name` are laid out as in both (torch's format: "An exception occurred in a
-    subprocess:\\n\\nName={name}\\n{details}"); `name` starts as the job's exception class
-    name (torch's pool says "<unknown>" there) and `with_name()` replaces it, keeping this
-    class. Pickles as shmpool's (details, name).
-    """
-
-    def __init__(self, details: str, name: str = "<unknown>") -> None:
-        # Not super().__init__: through this MRO that is torch's __init__, which would take
-        # the finished message for `details` and wrap it a second time.
-        self.details = details
-        self.name = name
-        Exception.__init__(self, f"An exception occurred in a subprocess:\n\nName={name}\n{details}")
+# What torch-built pools fail a raising job with: shmpool's SubprocException and torch's at once
+# (see shmpool.errors.torch_flavoured). Every shmpool pool raises it once torch is loaded.
+TorchSubprocException = torch_flavoured(_torch_compat.torch_subproc_exception_class())
 
 
 class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: ignore[misc]
@@ -101,7 +87,6 @@ class TorchSubprocPool(SubprocPool, _torch_compat.torch_pool_class()):  # type: 
     """
 
     ring_size: int = DEFAULT_TORCH_RING_SIZE  # set by install(ring_size=...)
-    remote_error_class = TorchSubprocException
 
     def __init__(
         self,

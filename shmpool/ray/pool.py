@@ -63,6 +63,7 @@ from ..errors import (
     WorkerDiedError,
     WorkerStartError,
     describe_job,
+    remote_error,
 )
 from ..pickler import SubprocPickler, has_zero_copy
 from ..pool import PoolStats
@@ -182,7 +183,7 @@ class RayPool:
     replacement; ``env`` is set in each actor's ``os.environ`` before it.
     """
 
-    remote_error_class: type[SubprocException] = SubprocException
+    remote_error_class: Callable[[str, str], SubprocException] = staticmethod(remote_error)
 
     def __init__(
         self,

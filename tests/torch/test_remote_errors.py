@@ -9,6 +9,9 @@ message format, and keep its class through ``with_name`` and pickling.
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,8 @@ from shmpool import _torch_compat  # noqa: E402
 from shmpool.torch import TorchSubprocException, TorchSubprocPool  # noqa: E402
 
 pytestmark = pytest.mark.torch
+
+REPO = Path(__file__).resolve().parents[2]
 
 TorchSubprocExc = _torch_compat.torch_subproc_exception_class()
 # A spawned or forked worker imports torch and inductor in ~5 s on 2 cores; far past it is a hang.
@@ -77,11 +82,33 @@ def test_torch_pool_job_error_is_torchs_and_carries_the_worker_traceback(
     assert str(err) == str(TorchSubprocExc(err.details, "ValueError"))
 
 
-def test_plain_shmpool_pool_raises_plain_shmpool_exception() -> None:
+def test_plain_shmpool_pool_raises_torchs_exception_too_once_torch_is_loaded() -> None:
+    """torch's own tests run on a plain shmpool.SubprocPool bound in (test_exception catches
+    torch's class): with torch loaded, as here, every shmpool pool's error is torch's too."""
     with shmpool.SubprocPool(1, kind=shmpool.SubprocKind.SPAWN) as pool:
         with pytest.raises(shmpool.SubprocException) as info:
             pool.submit(_raise_value_error, "plain").result(timeout=JOB_DEADLINE_S)
-    assert type(info.value) is shmpool.SubprocException
+    err = info.value
+    assert isinstance(err, TorchSubprocExc) and type(err) is TorchSubprocException
+    assert type(err.with_name("kernel_0")) is TorchSubprocException
+    assert str(err) == str(TorchSubprocExc(err.details, "ValueError"))
+
+
+def test_plain_shmpool_pool_without_torch_raises_shmpools_class_and_imports_no_torch() -> None:
+    code = textwrap.dedent(
+        f"""
+        import operator, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import shmpool
+        with shmpool.SubprocPool(1, kind=shmpool.SubprocKind.SPAWN) as pool:
+            err = pool.submit(operator.truediv, 1, 0).exception(timeout={JOB_DEADLINE_S})
+        assert type(err) is shmpool.SubprocException, type(err)
+        assert "torch" not in sys.modules
+        print("ok", err.name)
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=2 * JOB_DEADLINE_S)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "ZeroDivisionError"], r.stderr
 
 
 @pytest.fixture
