@@ -8,6 +8,7 @@ distinct storage once, as an out-of-band buffer the worker maps instead of parsi
 from __future__ import annotations
 
 import io
+import operator
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,6 +113,10 @@ def fx_pool(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
     _torch_compat.drop_pools()
     shmpool.torch.install(ring_size=SMALL_RING if request.param == "oneoff" else shmpool.torch.DEFAULT_TORCH_RING_SIZE)
     pool = shmpool.torch.fx_process_pool()
+    # Ready before the compile, as a pool is after its first job: a job that has to wait for a
+    # starting worker keeps a private copy instead (a staged memfd at this size), which is not
+    # the path under test.
+    pool.submit(operator.add, 1, 1).result(timeout=300)
     try:
         yield request.param, pool
     finally:
