@@ -42,21 +42,15 @@ def _align(n: int) -> int:
 
 
 class _Sink:
-    """A write-only file for the pickler that keeps what it is given, by reference."""
+    """A write-only file for the pickler that keeps what it is given, by reference: frames as
+    ``bytes``, and a big ``bytes`` or ``bytearray`` argument as the object itself. ``write`` is
+    the list's own append (the pickler ignores what write returns), so no Python code runs per
+    piece."""
 
-    __slots__ = ("chunks", "nbytes")
+    __slots__ = ("write",)
 
-    def __init__(self) -> None:
-        self.chunks: list[bytes | memoryview] = []
-        self.nbytes = 0
-
-    def write(self, data: Any) -> int:
-        if type(data) is not bytes:  # (the usual case is bytes: frames, and big bytes objects)
-            data = memoryview(data).cast("B")
-        self.chunks.append(data)
-        n = len(data)
-        self.nbytes += n
-        return n
+    def __init__(self, chunks: list[Any]) -> None:
+        self.write = chunks.append
 
 
 class Parts:
@@ -64,7 +58,7 @@ class Parts:
 
     __slots__ = ("chunks", "buffers", "stream_len", "offsets", "size")
 
-    def __init__(self, chunks: list[bytes | memoryview], stream_len: int, buffers: list[memoryview]) -> None:
+    def __init__(self, chunks: list[Any], stream_len: int, buffers: list[memoryview]) -> None:
         self.chunks = chunks
         self.buffers = buffers
         self.stream_len = stream_len
@@ -84,7 +78,7 @@ class Parts:
     def mutable(self) -> bool:
         """Whether the caller could still change these bytes: any piece that is not a ``bytes``
         object (a bytearray, an array, any out-of-band buffer)."""
-        return bool(self.buffers) or any(type(c) is not bytes and type(c.obj) is not bytes for c in self.chunks)
+        return bool(self.buffers) or any(type(c) is not bytes for c in self.chunks)
 
     def write_into(self, dst: memoryview) -> None:
         """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
@@ -94,7 +88,7 @@ class Parts:
             _ENTRY.pack_into(dst, pos, off, buf.nbytes)
             pos += _ENTRY.size
         for chunk in self.chunks:
-            n = len(chunk)  # bytes, or a memoryview cast to bytes
+            n = len(chunk)  # bytes or bytearray: its length is its size
             dst[pos : pos + n] = chunk
             pos += n
         for off, buf in zip(self.offsets, self.buffers):
@@ -150,10 +144,10 @@ def _raw(buf: pickle.PickleBuffer) -> memoryview:
 def dump(obj: object, pickler: SubprocPickler) -> Parts:
     """Pickle ``obj`` into pieces. Raises whatever the pickler raises for unpicklable input."""
     if has_zero_copy(pickler):
-        sink = _Sink()
+        chunks: list[Any] = []
         buffers: list[memoryview] = []
-        pickler.make_pickler(sink, lambda b: buffers.append(_raw(b))).dump(obj)
-        return Parts(sink.chunks, sink.nbytes, buffers)
+        pickler.make_pickler(_Sink(chunks), lambda b: buffers.append(_raw(b))).dump(obj)  # type: ignore[arg-type]
+        return Parts(chunks, sum(map(len, chunks)), buffers)
     data = pickler.dumps(obj)
     return Parts([data], len(data), [])
 

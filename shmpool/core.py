@@ -58,14 +58,12 @@ class PoolStats:
 
 def settle(future: Future, result: Any = None, exc: BaseException | None = None) -> bool:
     """Resolve a future unless it already is. Never raises."""
-    if future.done():
-        return False
     try:
         if exc is not None:
             future.set_exception(exc)
         else:
             future.set_result(result)
-    except Exception:  # InvalidStateError from a race with cancel(): the caller already gave up
+    except Exception:  # InvalidStateError: already resolved, or cancel()led: the caller gave up
         return False
     return True
 
@@ -96,7 +94,8 @@ class PoolCore:
         ``into``, for a caller that settles them itself once out of the lock)."""
         move_job(job, JobState.DONE)
         job.drop_payload()
-        if not job.future.done():
+        # A job that was placed is running: its future cannot have been cancelled.
+        if job.running or not job.future.done():
             self.counts["jobs_failed" if exc is not None else "jobs_completed"] += 1
             (self._to_settle if into is None else into).append((job.future, value, exc))
 

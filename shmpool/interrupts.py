@@ -18,8 +18,6 @@ try:
     from _signal import getsignal as _getsignal, signal as _setsignal
 except ImportError:  # pragma: no cover - another implementation
     _getsignal, _setsignal = signal.getsignal, signal.signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 _MAIN_THREAD_ID = threading.main_thread().ident
 _SIGINT = int(signal.SIGINT)
@@ -30,16 +28,24 @@ def interruptible() -> bool:
     return threading.get_ident() == _MAIN_THREAD_ID
 
 
-@contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    if not interruptible() or _getsignal(_SIGINT) is not signal.default_int_handler:
-        yield
-        return
-    caught: list[int] = []
-    _setsignal(_SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        _setsignal(_SIGINT, signal.default_int_handler)
-        if caught:
-            raise KeyboardInterrupt
+class deferred_interrupt:
+    """``with deferred_interrupt(): ...`` holds Ctrl-C back for the block (a class, not a
+    generator: this runs for every job placed)."""
+
+    __slots__ = ("_active", "_caught")
+
+    def __enter__(self) -> "deferred_interrupt":
+        self._active = interruptible() and _getsignal(_SIGINT) is signal.default_int_handler
+        if self._active:
+            self._caught = False
+            _setsignal(_SIGINT, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self._caught = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._active:
+            _setsignal(_SIGINT, signal.default_int_handler)
+            if self._caught:
+                raise KeyboardInterrupt
