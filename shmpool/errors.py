@@ -39,6 +39,12 @@ def remote_error(details: str, name: str = "<unknown>") -> SubprocException:
     return SubprocException(details, name)
 
 
+def remote_error_type() -> type[SubprocException]:
+    """The class ``remote_error`` builds in this process now (torch's flavour once torch's pool
+    module is loaded): what an exact-type check of a job's error compares against."""
+    return type(remote_error("", ""))
+
+
 @functools.cache
 def torch_flavoured(torch_class: type) -> type[SubprocException]:
     """shmpool's SubprocException that is also ``torch_class`` (torch's SubprocException)."""

@@ -89,7 +89,7 @@ def test_crash_matrix(shmpool_mod, make_pool, kind, tmp_path, failure, phase, ex
         assert exc is not None, f"{failure} while {phase}: the future succeeded with {fut.result(timeout=0)!r}"
         victim = read_pid(pidfile)
         if outcome == "remote":
-            assert type(exc) is sp.SubprocException, error_text(exc)
+            assert type(exc) is sp.errors.remote_error_type(), error_text(exc)
             msg = str(exc)
             assert msg.startswith("An exception occurred in a subprocess:"), msg
             assert re.search(r"Name=\S*JobBoom\b", msg), msg
@@ -101,7 +101,7 @@ def test_crash_matrix(shmpool_mod, make_pool, kind, tmp_path, failure, phase, ex
             assert str(victim) in str(exc) and word in str(exc), str(exc)
             assert victim != other_pid  # the other job held the other worker
         elif outcome == "parent_error":
-            assert type(exc) in (jobs.JobBoom, sp.SubprocException), error_text(exc)
+            assert type(exc) in (jobs.JobBoom, sp.errors.remote_error_type()), error_text(exc)
             assert expected[1] in error_text(exc), error_text(exc)
         else:
             raise AssertionError(outcome)

@@ -170,7 +170,7 @@ def test_arguments_fail_to_unpickle_in_worker(shmpool_mod, make_pool, kind, tmp_
             sys.path.remove(str(moddir))
             sys.modules.pop("parent_only_mod_xyz", None)
     exc = fut.exception(timeout=JOB_DEADLINE)
-    assert type(exc) is shmpool_mod.SubprocException, error_text(exc) if exc else fut.result(timeout=0)
+    assert type(exc) is shmpool_mod.errors.remote_error_type(), error_text(exc) if exc else fut.result(timeout=0)
     assert f"Name={name}" in str(exc) or name in exc.details, str(exc)
     _pool_still_works(pool)
     assert pool.worker_pids() == [pid_before]
@@ -181,7 +181,7 @@ def test_unpicklable_result(shmpool_mod, make_pool, kind):
     """A job returning a lock: SubprocException whose details say the result could not be pickled."""
     pool = make_pool(1, kind=kind)
     exc = pool.submit(jobs.return_lock).exception(timeout=JOB_DEADLINE)
-    assert type(exc) is shmpool_mod.SubprocException, error_text(exc) if exc else None
+    assert type(exc) is shmpool_mod.errors.remote_error_type(), error_text(exc) if exc else None
     assert "TypeError" in exc.details and "pickle" in exc.details.lower(), exc.details
     _pool_still_works(pool)
     assert pool.stats().workers_died == 0
@@ -193,7 +193,7 @@ def test_result_over_max_payload(shmpool_mod, make_pool, kind):
     pool = make_pool(1, kind=kind, max_payload=cap)
     assert pool.submit(jobs.make_bytes, cap // 2).result(timeout=JOB_DEADLINE) == b"\x5a" * (cap // 2)
     exc = pool.submit(jobs.make_bytes, 2 * cap).exception(timeout=JOB_DEADLINE)
-    assert type(exc) is shmpool_mod.SubprocException, error_text(exc) if exc else None
+    assert type(exc) is shmpool_mod.errors.remote_error_type(), error_text(exc) if exc else None
     text = str(exc).replace(",", "")
     assert "PayloadTooLargeError" in text and str(cap) in text, text
     assert any(str(n) in text for n in range(2 * cap, 2 * cap + 200)), f"result size not named: {text}"

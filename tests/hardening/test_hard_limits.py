@@ -138,7 +138,7 @@ def test_worker_out_of_shared_memory_fails_the_job_clearly(shmpool_mod, make_poo
     pool = make_pool(1, kind=kind, ring_size=8 * MiB, initializer=jobs.limit_file_size, initargs=(64 * MiB,))
     (pid,) = warm(pool, 1)
     exc = pool.submit(jobs.make_bytes, 100 * MiB).exception(timeout=JOB_DEADLINE)
-    assert type(exc) is shmpool_mod.SubprocException, error_text(exc) if exc else "succeeded"
+    assert type(exc) is shmpool_mod.errors.remote_error_type(), error_text(exc) if exc else "succeeded"
     assert "SharedMemoryError" in str(exc), str(exc)
     assert pool.submit(jobs.getpid).result(timeout=JOB_DEADLINE) == pid
     assert pool.stats().workers_died == 0
