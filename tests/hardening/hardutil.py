@@ -11,8 +11,10 @@ Every wait in these tests has a deadline: the named constants below, each with i
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -187,3 +189,51 @@ def exception_within(future, deadline_s: float, what: str = "the job"):
         return future.exception(timeout=deadline_s)
     except cf.TimeoutError:
         raise AssertionError(f"future of {what} did not resolve within {deadline_s:.1f} s (hang)") from None
+
+
+NOBODY = 65534  # uid and gid of "nobody"
+
+
+def wait_child(pid: int, timeout: float) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} did not exit within {timeout} s (hang); killed it")
+
+
+def run_as_nobody(probe, timeout: float) -> dict:
+    """Fork; in the child drop to uid/gid 65534 and run probe() -> dict; return that dict.  (A fork, not
+    a script: this machine's python lives under /root, which 65534 cannot exec.)"""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+        code = 0
+        try:
+            os.close(r)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler, inherited
+            signal.alarm(int(timeout))
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out = probe()
+            out["uid"] = os.getuid()
+        except BaseException as e:
+            out = {"child_error": f"{type(e).__name__}: {e}"}
+            code = 1
+        os.write(w, json.dumps(out).encode())
+        os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    wait_child(pid, timeout)
+    return json.loads(b"".join(chunks) or b'{"child_error": "no report (killed?)"}')

@@ -46,6 +46,9 @@ import pytest
 
 import jobs
 from hardutil import (
+    NOBODY,
+    run_as_nobody,
+    wait_child,
     HERE, JOB_DEADLINE, RECOVERY_DEADLINE, assert_all_resolve, error_text, exception_within, pid_alive,
     result_within, wait_for, warm,
 )
@@ -474,18 +477,6 @@ _CHILD_CODES = {10: "submit raised RuntimeError mentioning fork", 11: "its job r
                 14: "its future never resolved"}
 
 
-def _wait_child(pid: int, timeout: float) -> int:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got, status = os.waitpid(pid, os.WNOHANG)
-        if got:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"forked child {pid} did not exit within {timeout} s (hang); killed it")
-
-
 def test_d8_forked_child_does_not_cross_the_parents_results(make_pool, kind):
     """Defect 8. The test forks; the child submits to the inherited pool while the parent submits too.
     The child's submit must raise a RuntimeError mentioning fork (or run on a pool of its own and get its
@@ -520,7 +511,7 @@ def test_d8_forked_child_does_not_cross_the_parents_results(make_pool, kind):
                 os._exit(code)
         futs = [pool.submit(jobs.add, 100 * rnd + i, 0) for i in range(20)]
         outcomes = assert_all_resolve(futs + before, HANG_DEADLINE, "parent's job")
-        child = _wait_child(pid, 20)
+        child = wait_child(pid, 20)
         problems = []
         if child not in (_CHILD_REFUSED, _CHILD_OWN_RESULT):
             problems.append(f"child exit {child}: {_CHILD_CODES.get(child, 'killed by a signal (SIGALRM: hang)')}")
@@ -640,7 +631,6 @@ def test_d9_worker_that_cannot_map_an_argument_fails_that_job_only(shmpool_mod, 
 
 
 # --- defect 10: a stale semaphore of another user breaks SubprocPool() for everyone ------------------
-NOBODY = 65534
 
 
 def _dead_pid() -> int:
@@ -673,36 +663,7 @@ def stale_entries():
 
 
 def _as_nobody(probe, timeout: float = SCRIPT_DEADLINE) -> dict:
-    """Fork; in the child drop to uid/gid 65534 and run probe() -> dict; return that dict.  (A fork, not
-    a script: this machine's python lives under /root, which 65534 cannot exec.)"""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: no pytest machinery from here on, only os._exit
-        code = 0
-        try:
-            os.close(r)
-            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not pytest-timeout's handler, inherited
-            signal.alarm(int(timeout))
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            out = probe()
-            out["uid"] = os.getuid()
-        except BaseException as e:
-            out = {"child_error": f"{type(e).__name__}: {e}"}
-            code = 1
-        os.write(w, json.dumps(out).encode())
-        os._exit(code)
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    _wait_child(pid, timeout)
-    return json.loads(b"".join(chunks) or b'{"child_error": "no report (killed?)"}')
+    return run_as_nobody(probe, timeout)
 
 
 def test_d10_stale_entry_of_another_user_does_not_break_pool_start(shmpool_mod, kind, stale_entries):

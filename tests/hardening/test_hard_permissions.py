@@ -18,7 +18,6 @@ What is meaningful, given the design (shmpool/shm.py):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -26,42 +25,17 @@ import stat
 import posix_ipc
 import pytest
 
-from hardutil import shm_entries_of, warm
+from hardutil import NOBODY, run_as_nobody, shm_entries_of, warm
 
-NOBODY = 65534
+CHILD_DEADLINE = 60.0  # seconds a probe as another uid may take on a loaded machine
 
 
 def _as_nobody(probe) -> dict:
-    """Fork; in the child drop to uid/gid 65534 and run probe() -> dict; return that dict."""
+    """Run probe() -> dict in a forked child dropped to uid/gid 65534; return that dict."""
     if os.geteuid() != 0:
         pytest.skip("needs root to switch to another uid")
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery from here on, only os._exit
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            out = probe()
-            out["uid"] = os.getuid()
-        except BaseException as e:
-            out = {"child_error": f"{type(e).__name__}: {e}"}
-            code = 1
-        os.write(w, json.dumps(out).encode())
-        os._exit(code)
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    _, status = os.waitpid(pid, 0)
-    out = json.loads(b"".join(chunks) or b"{}")
-    assert os.waitstatus_to_exitcode(status) == 0 and "child_error" not in out, out
+    out = run_as_nobody(probe, CHILD_DEADLINE)
+    assert "child_error" not in out, out
     assert out["uid"] == NOBODY
     return out
 
