@@ -19,7 +19,7 @@ from . import wire
 from .channel import Placement, freeze
 from .codec import Frozen, IN_PLACE_MIN_BYTES, Parts, oob_bytes_of
 from .errors import SubprocException
-from .interrupts import deferred_interrupt, interruptible
+from .interrupts import deferred_interrupt
 from .lifecycle import Job, JobState, Worker, WorkerState, move_job, move_worker
 from .shm import SharedMemoryError
 
@@ -117,10 +117,7 @@ class PoolCore:
         at once, or with ``send_later`` (the dispatcher) by ``send_placed`` once the lock is
         released, so callers are not kept waiting on the lock through the sends (``w.unsent``
         keeps other placers off such a worker meanwhile, so its headers stay in ring order)."""
-        if interruptible():
-            with deferred_interrupt():
-                self._place_pending(now, send_later, answered)
-        else:
+        with deferred_interrupt():
             self._place_pending(now, send_later, answered)
 
     def _place_pending(self, now: float, send_later: bool, answered: Worker | None) -> None:

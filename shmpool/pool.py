@@ -48,7 +48,7 @@ from .codec import dump
 from .core import PoolCore, PoolStats
 from .dispatcher import JOIN_LIMIT, Dispatcher
 from .errors import PayloadTooLargeError, SubprocException, describe_job, remote_error
-from .interrupts import deferred_interrupt, interruptible
+from .interrupts import deferred_interrupt
 from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
 from .shm import sweep_stale
@@ -215,10 +215,7 @@ class SubprocPool:
         job_timeout = timeout if timeout is not None else self._job_timeout
         job = Job(next(self._job_ids), Future(), parts, job_timeout, describe_job(job_fn))
         core = self._core
-        if interruptible():
-            with deferred_interrupt():  # placed and announced together, or not at all
-                placed, was_quiesced = self._place_at_once(job)
-        else:
+        with deferred_interrupt():  # placed and announced together, or not at all
             placed, was_quiesced = self._place_at_once(job)
         now = core.last_activity
         if not placed:
