@@ -21,6 +21,7 @@ from . import wire
 from .codec import Frozen, Parts
 from .ring import RingReader, RingWriter
 from .shm import RegionMapping, Segment, SharedMemoryError
+from .spares import SpareSegments
 
 MAX_FDS = 4  # the most any message carries (FORK: socket and two rings)
 _FD_ARRAY = array.array("i")
@@ -29,24 +30,33 @@ _FD_ARRAY = array.array("i")
 class Payload:
     """A received payload's bytes, and the duty to free them exactly once.
 
-    ``release()`` drops the view, then gives the memory back: a one-off segment is closed; a
-    ring region is freed for the producer, after the job's own mapping of it (if any) is
-    closed. It returns False in the one case where the region must not be reused: a job kept
-    views of its mapping and they could not be moved to private memory."""
+    ``release()`` drops the view, then gives the memory back: a ring region is freed for the
+    producer, after the job's own mapping of it (if any) is closed; a one-off segment is
+    unmapped and closed, or with ``keep_segment`` only unmapped, its fd left in ``segment``
+    for the owner to reuse or close. It returns False when the memory must not be reused: a
+    job kept views of it (and, for a ring region, they could not be moved to private memory)."""
 
-    __slots__ = ("view", "_ring", "_segment", "_mapping")
+    __slots__ = ("view", "segment", "_ring", "_mapping", "_keep_segment", "_reusable")
 
     def __init__(
-        self, view: memoryview, ring: RingReader | None, segment: Segment | None, mapping: RegionMapping | None = None
+        self,
+        view: memoryview,
+        ring: RingReader | None,
+        segment: Segment | None,
+        mapping: RegionMapping | None = None,
+        *,
+        keep_segment: bool = False,
     ) -> None:
         self.view = view
+        self.segment = segment
         self._ring = ring
-        self._segment = segment
         self._mapping = mapping
+        self._keep_segment = keep_segment
+        self._reusable = True
 
     def release(self) -> bool:
         if self.view is None:
-            return True
+            return self._reusable  # released already: the same answer
         self.view.release()
         self.view = None  # type: ignore[assignment]
         reusable = True
@@ -57,19 +67,25 @@ class Payload:
                 reusable = False
         if self._ring is not None and reusable:
             self._ring.free()
-        if self._segment is not None:
-            self._segment.close()
+        if self.segment is not None:
+            reusable = self.segment.unmap() and reusable
+            if not self._keep_segment:
+                self.segment.close()
+                self.segment = None
+        self._reusable = reusable
         return reusable
 
 
 class Placement(NamedTuple):
     """Where a payload was put: a ring position, or a one-off segment (its fd goes with the
-    header; the sender may keep the segment to send it again)."""
+    header; the sender may keep the segment to send it again, or reuse it once the reader is
+    done), or the segment the job itself came in (``lent``: the reader has it already)."""
 
     start: int
     size: int
     oneoff: Segment | None
     written: bool = True  # False: a staged segment sent as it was, no copy made now
+    lent: bool = False
 
 
 def send_header(sock: socket.socket, header: bytes, fds: tuple[int, ...] | list[int] = ()) -> None:
@@ -129,31 +145,44 @@ def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
     return headers[0], fds
 
 
-def freeze(parts: Parts | Frozen, stage_bytes: int) -> Frozen:
+def new_segment(size: int, spares: SpareSegments | None, label: str) -> Segment:
+    """A segment for a payload of ``size`` bytes: a warm spare if there is one."""
+    if spares is not None:
+        return spares.create(size, label)
+    return Segment.create(size, reserve=True, label=label)
+
+
+def freeze(parts: Parts | Frozen, stage_bytes: int, spares: SpareSegments | None = None) -> Frozen:
     """A private copy of ``parts``, encoded: into a memfd of its own when at least
     ``stage_bytes`` (sent later as a one-off segment, so the copy made now is the only one),
     else into a plain buffer."""
     if isinstance(parts, Frozen):
         return parts
     if parts.size >= stage_bytes:
-        segment = Segment.create(parts.size, reserve=True, label="shmpool-staged")
+        segment = new_segment(parts.size, spares, "shmpool-staged")
         try:
             assert segment.view is not None
             parts.write_into(segment.view)
         except BaseException:
             segment.close()
             raise
-        return Frozen(segment.view, parts.oob_bytes, segment)
+        return Frozen(segment.view[: parts.size], parts.oob_bytes, segment)
     buf = bytearray(parts.size)
     parts.write_into(memoryview(buf))
     return Frozen(memoryview(buf), parts.oob_bytes)
 
 
 class Endpoint:
-    def __init__(self, sock: socket.socket, outgoing: RingWriter, incoming: RingReader) -> None:
+    """``spares``: where one-off segments come from (the parent's, shared by its workers);
+    None in a worker, which makes a fresh one or writes into the one its job came in."""
+
+    def __init__(
+        self, sock: socket.socket, outgoing: RingWriter, incoming: RingReader, spares: SpareSegments | None = None
+    ) -> None:
         self.sock = sock
         self.outgoing = outgoing
         self.incoming = incoming
+        self.spares = spares
         self.oneoff_threshold = outgoing.capacity
 
     def send_control(self, kind: wire.MsgKind, job_id: int = 0, offset: int = 0, length: int = 0) -> None:
@@ -164,25 +193,34 @@ class Endpoint:
         payload: Parts | Frozen,
         wait_step: float | None = None,
         still_wanted: Callable[[], bool] = lambda: True,
+        lent: Segment | None = None,
     ) -> Placement | None:
         """Put ``payload`` in shared memory, announcing nothing yet. With ``wait_step`` None
         this never blocks on ring space and returns None when the ring is full right now. An
         exception while writing (a KeyboardInterrupt in the caller's thread, say) gives the
-        space back before it propagates."""
+        space back before it propagates. A payload over the ring goes into ``lent`` (the
+        segment the peer sent the job in, grown if need be) when given, else a segment of its
+        own; either way the placement owns the segment."""
         size = payload.size
         segment = payload.segment if isinstance(payload, Frozen) else None
         if segment is not None:
             payload.segment = None  # the placement owns it now
             return Placement(0, size, segment, written=False)
         if size > self.oneoff_threshold:
-            segment = Segment.create(size, reserve=True, label="shmpool-oneoff")
+            if lent is not None:
+                try:
+                    lent.ensure(size)
+                except SharedMemoryError:
+                    lent.close()
+                    lent = None
+            segment = lent if lent is not None else new_segment(size, self.spares, "shmpool-oneoff")
             try:
                 assert segment.view is not None
-                payload.write_into(segment.view)
+                payload.write_into(segment.view[:size])
             except BaseException:
                 segment.close()
                 raise
-            return Placement(0, size, segment)
+            return Placement(0, size, segment, lent=lent is not None)
         if wait_step is None:
             start = self.outgoing.try_reserve(size)
         else:
@@ -205,6 +243,9 @@ class Endpoint:
         if placement.oneoff is not None:
             if batch:
                 self.send_batch(batch)  # keep the order: what was gathered goes first
+            if placement.lent:
+                self.sock.send(wire.encode(kind, job_id, 0, placement.size, flags | wire.Flag.IN_JOB_SEGMENT))
+                return
             header = wire.encode(kind, job_id, 0, placement.size, flags | wire.Flag.ONEOFF)
             send_header(self.sock, header, (placement.oneoff.fd,))
             return
@@ -249,22 +290,35 @@ class Endpoint:
                 placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
         return True
 
-    def open_payload(self, header: wire.Header, fds: list[int], *, populate: bool = True) -> Payload:
-        """The payload a header points at, checked against what the header may claim."""
+    def open_payload(
+        self, header: wire.Header, fds: list[int], *, lent: Segment | None = None, keep_segment: bool = False
+    ) -> Payload:
+        """The payload a header points at, checked against what the header may claim: in the
+        ring, in a one-off segment sent with it (``keep_segment``: left to the caller after
+        release), or in ``lent``, the segment its job went out in (IN_JOB_SEGMENT)."""
+        if header.flags & wire.Flag.IN_JOB_SEGMENT:
+            if fds or header.flags & wire.Flag.ONEOFF or lent is None or header.offset != 0:
+                for fd in fds:
+                    os.close(fd)
+                raise wire.WireError("a reply in its job's segment, for a job that was not sent in one")
+            lent.ensure(header.length)  # the worker may have grown it
+            assert lent.view is not None
+            return Payload(lent.view[: header.length], None, None)
         if header.flags & wire.Flag.ONEOFF:
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 raise wire.WireError(f"one-off payload with {len(fds)} fds, expected 1")
-            if not stat.S_ISREG(os.fstat(fds[0]).st_mode):  # a memfd is a regular file
+            st = os.fstat(fds[0])
+            if not stat.S_ISREG(st.st_mode):  # a memfd is a regular file
                 os.close(fds[0])
                 raise wire.WireError("one-off payload fd is not a shared-memory segment")
-            segment = Segment.attach(fds[0], populate=populate)
-            if header.offset != 0 or header.length > segment.size:
-                segment.close()
-                raise wire.WireError(f"one-off payload claims {header.length} bytes of a {segment.size}-byte segment")
+            if header.offset != 0 or header.length > st.st_size:
+                os.close(fds[0])
+                raise wire.WireError(f"one-off payload claims {header.length} bytes at {header.offset} of a {st.st_size}-byte segment")
+            segment = Segment.attach(fds[0], populate=True, length=header.length)
             assert segment.view is not None
-            return Payload(segment.view[: header.length], None, segment)
+            return Payload(segment.view, None, segment, keep_segment=keep_segment)
         if fds:
             for fd in fds:
                 os.close(fd)

@@ -22,6 +22,7 @@ from .errors import SubprocException
 from .interrupts import deferred_interrupt
 from .lifecycle import Job, JobState, Worker, WorkerState, move_job, move_worker
 from .shm import SharedMemoryError
+from .spares import SpareSegments
 
 # Jobs placed on one worker at a time. One, unless more jobs wait than there are workers and
 # recent jobs have been short: then up to four ride in each worker's ring, so a worker starts
@@ -51,7 +52,9 @@ class PoolStats:
     bytes_from_workers: int = 0
     copied_to_workers: int = 0
     copied_from_workers: int = 0
-    oneoff_segments: int = 0
+    oneoff_segments: int = 0  # payloads sent to workers in a segment of their own (over the ring)
+    warm_segments: int = 0  # payloads over the ring (either way) written into a segment in use already, not a fresh one
+    spare_bytes: int = 0  # warm segments kept now (spares.py)
     workers_started: int = 0
     workers_died: int = 0
 
@@ -69,7 +72,9 @@ def settle(future: Future, result: Any = None, exc: BaseException | None = None)
 
 
 class PoolCore:
-    def __init__(self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException]) -> None:
+    def __init__(
+        self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException], spare_limit: int | None = None
+    ) -> None:
         self.nprocs = nprocs
         self.lock = threading.Lock()
         self.pending: collections.deque[Job] = collections.deque()  # QUEUED jobs, in order
@@ -84,6 +89,7 @@ class PoolCore:
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []
         self._unsent: list[tuple[Worker, list[bytes]]] = []  # dispatcher only: see place_pending
         self.wake: Callable[[], None] = lambda: None  # the dispatcher's; set when it starts
+        self.spares = SpareSegments(spare_limit)
 
     # ------------------------------------------------------------ resolving, under lock
 
@@ -107,6 +113,14 @@ class PoolCore:
             todo, self._to_settle = self._to_settle, []
         for future, value, exc in todo:
             settle(future, value, exc)
+
+    def stats(self) -> PoolStats:
+        with self.lock:
+            counts = dict(self.counts)
+        spares = self.spares
+        counts["warm_segments"] += spares.reused
+        counts["spare_bytes"] = spares.kept_bytes
+        return PoolStats(**counts)
 
     # ------------------------------------------------------------ placing, under lock
 
@@ -265,7 +279,7 @@ class PoolCore:
         """What a job that must wait keeps: its own copy, unless its bytes cannot change."""
         if not payload.mutable:
             return payload
-        snapshot = freeze(payload, STAGE_BYTES)
+        snapshot = freeze(payload, STAGE_BYTES, self.spares)
         # The copy made now: the sender's one write for a staged segment (sent as it is), an
         # extra one for a small snapshot (written into the ring later).
         with self.lock:

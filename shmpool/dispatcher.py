@@ -4,7 +4,7 @@ It waits in one ``select`` on (and only on):
 
   - the wake-up pipe: a caller queued a job that needs it, or asked to quiesce, wake up or stop;
   - each worker's socket: READY, RESULT/ERROR (each also says its job's request region was
-    freed first, see ring.py, so a reply is also the "ring space freed" event), ACK;
+    freed first, see ring.py, so a reply is also the "ring space freed" event);
   - each worker's pidfd: the worker process exited, however it died and whoever else holds its
     socket (a grandchild a job forked, say);
   - the fork helper's socket (FORKED with the worker's pidfd, REAPED with its exit status) and
@@ -173,6 +173,9 @@ class Dispatcher:
                 deadlines.append(self._start_retry_at)
             if self._idle_quiesce_at is not None:
                 deadlines.append(self._idle_quiesce_at)
+        spares_idle = core.spares.idle_deadline()
+        if spares_idle is not None:
+            deadlines.append(spares_idle)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.monotonic())
@@ -204,6 +207,9 @@ class Dispatcher:
                 self._signal(w, signal.SIGKILL)
             if w.status_by is not None and now >= w.status_by:
                 self._finish(w)  # its exit status never came (the fork helper died too)
+        spares_idle = core.spares.idle_deadline()
+        if spares_idle is not None and now >= spares_idle:
+            core.spares.clear()  # no big payload for a while: give the warm segments back
         # Auto-quiesce: idle for quiesce_after seconds.
         self._idle_quiesce_at = None
         if self.auto_quiesce_after is not None and not core.quiesced and core.workers:
@@ -219,6 +225,7 @@ class Dispatcher:
         """Quiesce idle workers, or start workers up to the pool's size."""
         core = self.core
         if core.quiesced:
+            core.spares.clear()
             for w in core.workers.values():
                 if w.state is WorkerState.READY and not w.inflight:
                     self._quit(w, "the pool quiesced")
@@ -282,6 +289,7 @@ class Dispatcher:
                 parent_sock,
                 RingWriter(request, create_semaphore(sem_names[0]), self._ring_size),
                 RingReader(response, create_semaphore(sem_names[1])),
+                core.spares,
             )
             fds = (child_sock.fileno(), request.fd, response.fd)
             if self._spawn:
@@ -401,6 +409,8 @@ class Dispatcher:
         settled: list[tuple[Future, Any, BaseException | None]] = []
         with core.lock:
             for job, header, value, exc in outcomes:
+                if header.flags & wire.Flag.IN_JOB_SEGMENT:
+                    core.counts["warm_segments"] += 1
                 core.counts["bytes_from_workers"] += header.length
                 core.counts["copied_from_workers"] += 2 * header.length  # worker's write, our read
                 core.resolve(job, value, exc, into=settled)
@@ -413,9 +423,12 @@ class Dispatcher:
 
     def _read_reply(self, w: Worker, job: Job, header: wire.Header, fds: list[int]) -> tuple[Any, BaseException | None]:
         """The result (or error) a reply carries. Never raises: a result we cannot map fails
-        alone (SharedMemoryError); a malformed reply comes back as a _ProtocolError."""
+        alone (SharedMemoryError); a malformed reply comes back as a _ProtocolError. The job's
+        one-off segment, and one the result came in, are kept warm (spares.py) once read."""
+        placement = job.placement
+        lent = placement.oneoff if placement is not None else None
         try:
-            payload = w.endpoint.open_payload(header, fds)
+            payload = w.endpoint.open_payload(header, fds, lent=lent, keep_segment=True)
         except SharedMemoryError as e:
             # We cannot map this one result (address space, memory): it fails alone; the
             # worker freed its side already and goes on.
@@ -429,6 +442,16 @@ class Dispatcher:
             return None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
         finally:
             payload.release()
+            spares = self.core.spares
+            if lent is not None:
+                assert placement is not None
+                job.placement = placement._replace(oneoff=None)
+                if header.flags & wire.Flag.KEPT:
+                    lent.close()  # the job's views in the worker still see it
+                else:
+                    spares.give(lent)
+            if payload.segment is not None:  # the worker's own: read with copies, nothing here views it
+                spares.give(payload.segment)
 
     def _on_message(self, w: Worker, header: wire.Header, fds: list[int]) -> None:
         core = self.core
@@ -453,15 +476,6 @@ class Dispatcher:
                     unlink_semaphore(name)  # the worker did already; this covers a kill in between
                 core.place_pending(time.monotonic(), send_later=True)
             core.send_placed()
-        elif kind == wire.MsgKind.ACK:
-            with core.lock:
-                for job in w.inflight:
-                    if job.job_id == header.job_id and job.placement is not None and job.placement.oneoff is not None:
-                        job.placement.oneoff.close()  # the worker has it mapped: ours can go
-                        job.placement = job.placement._replace(oneoff=None)
-                        break
-                else:
-                    raise wire.WireError(f"ACK for job {header.job_id}, which has no one-off segment on that worker")
         else:
             raise wire.WireError(f"unexpected {kind.name} from a worker in state {w.state.name}")
 
@@ -717,6 +731,7 @@ class Dispatcher:
             self._helper.close(QUIT_GRACE)
             self._helper = None
         self._selector.close()
+        core.spares.clear()
         with core.lock:
             core.workers.clear()
         with self._wake_lock:

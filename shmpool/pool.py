@@ -137,7 +137,9 @@ class SubprocPool:
     ``env`` entries are set in each worker's ``os.environ`` before it; ``job_timeout`` is the
     default per-job timeout (``submit_job`` overrides it); ``max_payload`` caps one pickled job
     or result in bytes; ``worker_memory_cap`` recycles a worker whose RSS passes it between jobs;
-    ``preload`` names modules the FORK helper imports once so forked workers start warm.
+    ``preload`` names modules the FORK helper imports once so forked workers start warm;
+    ``max_spare_bytes`` bounds the segments of payloads over the ring kept warm for the next
+    one (default a quarter of memory, 0 keeps none; see spares.py).
     """
 
     # What a job that raised in its worker fails with, built as ``remote_error_class(details,
@@ -161,6 +163,7 @@ class SubprocPool:
         worker_memory_cap: int | None = None,
         ring_size: int = DEFAULT_RING_SIZE,
         preload: tuple[str, ...] = (),
+        max_spare_bytes: int | None = None,
     ) -> None:
         if nprocs < 1:
             raise ValueError(f"nprocs must be at least 1, got {nprocs}")
@@ -179,7 +182,7 @@ class SubprocPool:
             "max_payload": max_payload,
             "memory_cap": worker_memory_cap,
         }
-        self._core = PoolCore(nprocs, has_zero_copy(self.pickler), self.remote_error_class)
+        self._core = PoolCore(nprocs, has_zero_copy(self.pickler), self.remote_error_class, max_spare_bytes)
         self._job_ids = itertools.count(1)  # 0 names a worker's set-up (wire.SETUP_JOB_ID)
         self._dispatcher = Dispatcher(
             self._core, self.kind is SubprocKind.SPAWN, ring_size, tuple(preload), boot, self.pickler
@@ -304,8 +307,7 @@ class SubprocPool:
             self.process.wait(JOIN_LIMIT)
 
     def stats(self) -> PoolStats:
-        with self._core.lock:
-            return PoolStats(**self._core.counts)
+        return self._core.stats()
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (FORK: their pids as the fork helper reported them)."""

@@ -30,19 +30,29 @@ class SharedMemoryError(MemoryError):
     """Shared memory could not be had: names the size asked for and what the system had left."""
 
 
-def _mem_available() -> int:
+def _meminfo(field: str) -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return -1
 
 
+def mem_available() -> int:
+    """The kernel's estimate of memory available without swapping, in bytes; -1 if unknown."""
+    return _meminfo("MemAvailable:")
+
+
+def mem_total() -> int:
+    return _meminfo("MemTotal:")
+
+
 class Segment:
-    """One memfd and its mapping. ``close()`` is idempotent and safe on a half-built object."""
+    """One memfd and its mapping of its first ``size`` bytes. ``close()`` is idempotent and
+    safe on a half-built object."""
 
     fd: int = -1
     size: int = 0
@@ -53,18 +63,21 @@ class Segment:
         """Map ``fd``, taking ownership of it: on failure the fd is closed here, exactly once,
         so a caller never closes it again (a second close could hit another thread's file)."""
         self.fd = fd
+        try:
+            self._map_first(size, populate)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map_first(self, size: int, populate: bool) -> None:
         self.size = size
         try:
             flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
             # A zero-length mapping is an error; keep one page so empty segments still work.
-            self._map = mmap.mmap(fd, max(size, 1), flags=flags)
+            self._map = mmap.mmap(self.fd, max(size, 1), flags=flags)
             self.view = memoryview(self._map)[:size]
         except OSError as e:
-            self.close()
             raise SharedMemoryError(_map_failure(size, e)) from e
-        except BaseException:
-            self.close()
-            raise
 
     @classmethod
     def create(cls, size: int, *, reserve: bool = False, label: str = "shmpool") -> "Segment":
@@ -83,33 +96,59 @@ class Segment:
             if isinstance(e, OSError):
                 raise SharedMemoryError(
                     f"could not reserve {size:,} bytes of shared memory ({e.strerror}); "
-                    f"MemAvailable is {_mem_available():,} bytes: free memory or lower the payload"
+                    f"MemAvailable is {mem_available():,} bytes: free memory or lower the payload"
                 ) from e
             raise
         return cls(fd, size, populate=reserve)  # owns fd from here on
 
     @classmethod
-    def attach(cls, fd: int, *, populate: bool = False) -> "Segment":
-        """Map a segment received from a peer; takes ownership of ``fd``."""
+    def attach(cls, fd: int, *, populate: bool = False, length: int | None = None) -> "Segment":
+        """Map a segment received from a peer (its first ``length`` bytes, if given, else all of
+        it); takes ownership of ``fd``."""
         try:
-            size = os.fstat(fd).st_size
+            size = os.fstat(fd).st_size if length is None else length
         except BaseException:
             os.close(fd)
             raise
         return cls(fd, size, populate=populate)  # owns fd from here on
 
-    def close(self) -> None:
+    def ensure(self, size: int) -> None:
+        """Make the mapping cover at least ``size`` bytes, growing the memfd (every new page
+        allocated now) if it is shorter. The pages it had stay as they were: warm."""
+        if self._map is not None and self.size >= size:
+            return
+        try:
+            have = os.fstat(self.fd).st_size
+            if have < size:
+                os.ftruncate(self.fd, size)
+                os.posix_fallocate(self.fd, have, size - have)
+        except OSError as e:
+            raise SharedMemoryError(
+                f"could not grow a shared-memory segment to {size:,} bytes ({e.strerror}); "
+                f"MemAvailable is {mem_available():,} bytes"
+            ) from e
+        self.unmap()
+        self._map_first(max(size, have), populate=True)
+
+    def unmap(self) -> bool:
+        """Drop the mapping, keeping the fd. False when views of it are still alive (a job kept
+        an array): the mapping then lives on until they die, and the pages must not be reused."""
         if self.view is not None:
             self.view.release()
             self.view = None
+        clean = True
         if self._map is not None:
             try:
                 self._map.close()
             except BufferError:
-                # A job still holds a view (e.g. a numpy array argument it kept); the mapping
-                # lives on until that view dies, which is safe, just later.
-                pass
+                clean = False
             self._map = None
+        return clean
+
+    def close(self) -> None:
+        # A view a job still holds (a numpy array argument it kept) keeps the mapping alive
+        # until it dies: safe, as long as the pages are never reused (see unmap()).
+        self.unmap()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

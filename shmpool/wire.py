@@ -11,7 +11,8 @@ only says where. The layout, little-endian, 32 bytes::
 
 ``offset`` is a position in the sender's ring (a monotonically increasing byte count; the
 physical offset is ``offset % capacity``) or 0 for a one-off segment, whose memfd travels
-beside the header as SCM_RIGHTS ancillary data (flag ``ONEOFF``). For control messages the
+beside the header as SCM_RIGHTS ancillary data (flag ``ONEOFF``), or 0 in the segment the
+reply's job came in (flag ``IN_JOB_SEGMENT``: no fd, the parent has it). For control messages the
 two u64 fields carry small integers named at each kind below.
 
 A message on a socket is one header, or up to ``MAX_BATCH`` of them back to back when a side
@@ -35,7 +36,7 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 2  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error)
+VERSION = 3  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 MAX_BATCH = 16  # headers in one message at most
@@ -79,7 +80,6 @@ class MsgKind(enum.IntEnum):
     READY = 10  # no payload: INIT done; offset = worker pid
     RESULT = 11  # payload: the job's return value
     ERROR = 12  # payload: (exception name, traceback text, shmpool error or None), plain pickle
-    ACK = 13  # no payload: the worker has mapped job_id's one-off segment; the parent may close its own
     # parent <-> fork helper
     FORK = 20  # parent -> helper; fds: socket, request ring, response ring; job_id = worker serial
     FORKED = 21  # helper -> parent; job_id = worker serial, offset = pid; fds: the worker's pidfd
@@ -91,9 +91,16 @@ class Flag:
 
     ONEOFF = 1  # the payload is in a one-off memfd sent with this header, not in the ring
     RECYCLE = 2  # RESULT/ERROR: the worker is over its memory cap and exits after this message
+    # RESULT/ERROR of a job that came in a one-off segment: the payload is in that segment
+    # (grown if it was short), no fd beside the header. The parent reads it, then keeps the
+    # segment warm for its next big payload (spares.py).
+    IN_JOB_SEGMENT = 4
+    # RESULT/ERROR of a job that came in a one-off segment: the job kept views of it, which the
+    # worker's mapping keeps alive, so the parent must never write into it again.
+    KEPT = 8
 
 
-_KNOWN_FLAGS = Flag.ONEOFF | Flag.RECYCLE
+_KNOWN_FLAGS = Flag.ONEOFF | Flag.RECYCLE | Flag.IN_JOB_SEGMENT | Flag.KEPT
 _KINDS = {int(k): k for k in MsgKind}
 
 

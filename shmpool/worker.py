@@ -10,11 +10,15 @@ One job, in order (the parent relies on each step's place):
   1. mark the job taken in the request segment's control block (wire.mark_taken);
   2. map its payload: big out-of-band arguments through a mapping of the job's own
      (shm.RegionMapping), so views the job keeps can never see a later job's bytes;
-     ACK a one-off segment, so the parent can drop its copy;
   3. unpickle; free the request region at once unless the job uses it in place;
-  4. run, pickle the result and write it into the response ring;
+  4. run and pickle the result;
   5. free the request region if still held (ring.py: *before* the reply's header, so the
-     header tells the parent there is room again), then send the header.
+     header tells the parent there is room again);
+  6. write the result into the response ring; one too big for it goes back in the job's own
+     one-off segment when the job came in one (grown if short: its pages are warm), else in a
+     fresh one. A job that kept views of its one-off segment gets KEPT on its reply instead,
+     and the parent never writes into that segment again;
+  7. send the header.
 
 Headers arrive in batches when the parent stacks short jobs. A short job's reply header is
 then held while more jobs are queued here, and all held headers go out as one message when
@@ -149,9 +153,8 @@ class Worker:
         Raises SharedMemoryError when it cannot be mapped (the region is freed first)."""
         assert self.endpoint is not None
         if header.flags & wire.Flag.ONEOFF:
-            payload = self.endpoint.open_payload(header, fds)
-            # The segment is ours alone from here on (it is never reused): views may stay.
-            self.endpoint.send_control(wire.MsgKind.ACK, header.job_id)
+            # Its views may stay after the job: the reply then says KEPT (see _reply).
+            payload = self.endpoint.open_payload(header, fds, keep_segment=True)
             return payload, oob_bytes_of(payload.view) >= IN_PLACE_MIN_BYTES
         payload = self.endpoint.open_payload(header, fds)
         if oob_bytes_of(payload.view) < IN_PLACE_MIN_BYTES:
@@ -223,18 +226,29 @@ class Worker:
         flags = 0
         if self.memory_cap is not None and rss_bytes() > self.memory_cap:
             flags |= wire.Flag.RECYCLE
+        lent: Segment | None = None  # the job's one-off segment, free for a big answer
+        if request is not None:
+            clean = request.release()
+            lent, request.segment = request.segment, None
+            if lent is not None and not clean:
+                lent.close()  # the job's views keep our mapping alive; the parent must not reuse it
+                lent = None
+                flags |= wire.Flag.KEPT
+            elif not clean:
+                flags |= wire.Flag.RECYCLE  # a ring region we could not take back from the job: retire
         try:
-            placement = self._stage(answer)
+            placement = self._stage(answer, lent)
         except SharedMemoryError as e:
             error = _describe(e, "the job's result could not be placed in shared memory")
             kind, answer = wire.MsgKind.ERROR, dump(error, _PLAIN)
             placement = self._stage(answer)
+        finally:
+            if lent is not None:
+                lent.close()  # written into or not needed: the parent holds its own fd
         if placement is None:
             return int(wire.Flag.RECYCLE)  # the parent is gone
         answer.release()  # drop the result object before the parent copies it
         del answer
-        if request is not None and not request.release():
-            flags |= wire.Flag.RECYCLE  # a region we could not take back from the job: retire
         hold = (
             placement.oneoff is None
             and not flags
@@ -267,11 +281,12 @@ class Worker:
             self._backlog.extend((h, fds if i == 0 else []) for i, h in enumerate(headers))
         return bool(self._backlog)
 
-    def _stage(self, answer: Parts) -> Any:
-        """Place a reply in the response ring; if it is full, send the held headers first: the
-        parent frees space only for replies it has heard of."""
+    def _stage(self, answer: Parts, lent: Segment | None = None) -> Any:
+        """Place a reply in the response ring (or, too big for it, in ``lent`` or a segment of
+        its own); if the ring is full, send the held headers first: the parent frees space only
+        for replies it has heard of."""
         assert self.endpoint is not None
-        placement = self.endpoint.stage(answer)
+        placement = self.endpoint.stage(answer, lent=lent)
         if placement is None:
             self._send_held()
             placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)

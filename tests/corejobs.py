@@ -99,3 +99,20 @@ def failing_initializer() -> None:
 def pid_after(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+_kept: list[Any] = []
+
+
+def keep_argument(a: np.ndarray) -> str:
+    """Keep a reference to the (in-place) argument past the job; return its digest."""
+    _kept.append(a)
+    return hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def kept_digests() -> list[str]:
+    return [hashlib.sha256(a.tobytes()).hexdigest() for a in _kept]
+
+
+def grow(data: bytes, times: int) -> bytes:
+    return data * times
