@@ -55,6 +55,15 @@ def test_a_kept_in_place_argument_never_sees_a_later_jobs_bytes(make_pool) -> No
     assert pool.submit(corejobs.kept_digests).result(RESULT_TIMEOUT) == [digest, corejobs.sha256(second.tobytes())]
 
 
+def test_an_argument_held_only_by_a_reference_cycle_does_not_cost_the_warm_segment(make_pool) -> None:
+    pool = make_pool(1, ring_size=RING)
+    for i in range(2):
+        arr = np.full(BIG, i + 1, dtype=np.uint8)
+        assert pool.submit(corejobs.hold_in_a_cycle, arr).result(RESULT_TIMEOUT) == i + 1
+        assert pool.stats().spare_bytes >= BIG  # collected before the reply, not KEPT
+    assert pool.stats().warm_segments == 1
+
+
 def test_quiesce_gives_the_warm_segments_back(make_pool) -> None:
     pool = make_pool(1, ring_size=RING)
     pool.submit(corejobs.echo, os.urandom(BIG)).result(RESULT_TIMEOUT)
