@@ -301,7 +301,10 @@ class Endpoint:
                 for fd in fds:
                     os.close(fd)
                 raise wire.WireError("a reply in its job's segment, for a job that was not sent in one")
-            lent.ensure(header.length)  # the worker may have grown it
+            have = os.fstat(lent.fd).st_size  # the worker grows it before writing a longer reply
+            if header.length > have:
+                raise wire.WireError(f"a reply of {header.length} bytes in its job's segment of {have}")
+            lent.ensure(header.length)  # maps what the worker added
             assert lent.view is not None
             return Payload(lent.view[: header.length], None, None)
         if header.flags & wire.Flag.ONEOFF:

@@ -347,7 +347,7 @@ def _current_job_id() -> int:
     raise AssertionError("no shmpool _run_job frame on the stack")
 
 
-def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0):
+def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0, ballast=b""):
     """Send the parent one malformed reply on this worker's own socket (defect 4), then return normally.
 
     how: "short"      11 bytes of garbage (not a header)
@@ -357,6 +357,9 @@ def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0):
          "bad_region" a valid RESULT header for this job naming a region outside the ring
          "oneoff_pipe" a valid one-off RESULT header for this job carrying a pipe fd (cannot be mapped)
          "ready_decoy" a second READY, claiming the worker's pid is `decoy_pid` (a process the test owns)
+         "in_job_segment" a RESULT header saying the result is in this job's one-off segment, 16 MiB
+                      longer than that segment (or for a job that came through the ring: no segment)
+    `ballast`: a payload that makes the job itself big (over the ring: a one-off segment)
     """
     import socket
 
@@ -374,6 +377,9 @@ def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0):
             sock.send(wire.encode(wire.MsgKind.RESULT, 2**40 + 7, 0, 64))
         elif how == "bad_region":
             sock.send(wire.encode(wire.MsgKind.RESULT, _current_job_id(), 2**50, 1 << 40))
+        elif how == "in_job_segment":
+            length = len(ballast) + (16 << 20)
+            sock.send(wire.encode(wire.MsgKind.RESULT, _current_job_id(), 0, length, wire.Flag.IN_JOB_SEGMENT))
         elif how == "ready_decoy":
             assert decoy_pid > 0
             sock.send(wire.encode(wire.MsgKind.READY, 0, decoy_pid))

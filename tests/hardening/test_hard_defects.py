@@ -285,7 +285,7 @@ def test_d3_parent_cannot_map_a_result_fails_that_job_only(kind):
 
 
 # --- defect 4: a worker sends an invalid reply header ---------------------------------------------------
-BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe", "ready_decoy"]
+BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe", "ready_decoy", "in_job_segment"]
 
 
 @pytest.mark.parametrize("how", BAD_REPLIES)
@@ -307,8 +307,16 @@ def test_d4_invalid_reply_fails_that_job_only(shmpool_mod, make_pool, kind, how)
         decoy.wait(timeout=10)
 
 
-def _check_bad_reply(sp, pool, make_pool, how, victim, decoy_pid):
-    bad = pool.submit(jobs.send_bad_reply, how, 0.2, "after-garbage", decoy_pid)
+def test_d4_reply_claiming_more_than_its_jobs_segment_fails_that_job_only(shmpool_mod, make_pool, kind):
+    """Defect 4 for a job sent in a one-off segment: a reply that says its result is in that segment
+    (IN_JOB_SEGMENT) but is longer than it. The parent must neither trust nor grow the segment."""
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    victim = result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
+    _check_bad_reply(shmpool_mod, pool, make_pool, "in_job_segment", victim, 0, ballast=b"x" * (2 * RING))
+
+
+def _check_bad_reply(sp, pool, make_pool, how, victim, decoy_pid, ballast=b""):
+    bad = pool.submit(jobs.send_bad_reply, how, 0.2, "after-garbage", decoy_pid, ballast)
     queued = [pool.submit(jobs.add, i, 1000) for i in range(3)]
     exc = exception_within(bad, HANG_DEADLINE, f"the job that sent a {how!r} reply")
     assert exc is not None, f"the job that sent a {how!r} reply succeeded: {bad.result(timeout=0)!r}"
