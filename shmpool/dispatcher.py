@@ -437,21 +437,28 @@ class Dispatcher:
             return None, _ProtocolError(f"{type(e).__name__}: {e}")
         # The response ring is read only by this thread: no lock for the payload itself.
         try:
-            return self._decode(header, payload)
+            value, exc = self._decode(header, payload)
         except Exception as e:
-            return None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
+            value, exc = None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
         finally:
             payload.release()
-            spares = self.core.spares
-            if lent is not None:
-                assert placement is not None
-                job.placement = placement._replace(oneoff=None)
-                if header.flags & wire.Flag.KEPT:
-                    lent.close()  # the job's views in the worker still see it
-                else:
-                    spares.give(lent)
-            if payload.segment is not None:  # the worker's own: read with copies, nothing here views it
+        # Segments go back to the spares only from a worker that kept to the protocol: one that
+        # broke it is killed, but could write into them until it is gone.
+        trusted = not isinstance(exc, _ProtocolError)
+        spares = self.core.spares
+        if lent is not None:
+            assert placement is not None
+            job.placement = placement._replace(oneoff=None)
+            if trusted and not header.flags & wire.Flag.KEPT:
+                spares.give(lent)
+            else:
+                lent.close()  # KEPT: the job's views in the worker still see it
+        if payload.segment is not None:  # the worker's own; read with copies, nothing here views it
+            if trusted:
                 spares.give(payload.segment)
+            else:
+                payload.segment.close()
+        return value, exc
 
     def _on_message(self, w: Worker, header: wire.Header, fds: list[int]) -> None:
         core = self.core

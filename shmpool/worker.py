@@ -226,16 +226,14 @@ class Worker:
         flags = 0
         if self.memory_cap is not None and rss_bytes() > self.memory_cap:
             flags |= wire.Flag.RECYCLE
-        lent: Segment | None = None  # the job's one-off segment, free for a big answer
-        if request is not None:
-            clean = request.release()
-            lent, request.segment = request.segment, None
-            if lent is not None and not clean:
-                lent.close()  # the job's views keep our mapping alive; the parent must not reuse it
-                lent = None
-                flags |= wire.Flag.KEPT
-            elif not clean:
-                flags |= wire.Flag.RECYCLE  # a ring region we could not take back from the job: retire
+        # The job's memory is taken back after the answer is written (the answer may still view
+        # it: an in-place argument returned), unless the answer is to go into the job's own
+        # one-off segment: then first, and only if nothing views it any more.
+        lent: Segment | None = None
+        if request is not None and request.segment is not None and answer.size > self.endpoint.oneoff_threshold:
+            taken, lent = _take_back(request)
+            flags |= taken
+            request = None
         try:
             placement = self._stage(answer, lent)
         except SharedMemoryError as e:
@@ -249,6 +247,11 @@ class Worker:
             return int(wire.Flag.RECYCLE)  # the parent is gone
         answer.release()  # drop the result object before the parent copies it
         del answer
+        if request is not None:
+            taken, unused = _take_back(request)
+            flags |= taken
+            if unused is not None:
+                unused.close()
         hold = (
             placement.oneoff is None
             and not flags
@@ -336,6 +339,20 @@ class Worker:
                     return
         finally:
             self._send_held()
+
+
+def _take_back(request: Payload) -> tuple[int, Segment | None]:
+    """Free a job's request memory. Returns the reply's flags for it (KEPT: the job kept views
+    of its one-off segment; RECYCLE: of a ring region we could not take back) and the one-off
+    segment, unmapped, when nothing views it any more (the caller reuses or closes it)."""
+    clean = request.release()
+    segment, request.segment = request.segment, None
+    if segment is None:
+        return (0 if clean else int(wire.Flag.RECYCLE)), None
+    if clean:
+        return 0, segment
+    segment.close()  # the job's views keep our mapping alive; the parent must not reuse it
+    return int(wire.Flag.KEPT), None
 
 
 def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> None:
