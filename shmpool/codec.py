@@ -20,6 +20,7 @@ import pickle
 import struct
 from typing import Any
 
+from .errors import PayloadTooLargeError, describe_job
 from .pages import copy_out
 from .pickler import SubprocPickler, has_zero_copy
 
@@ -150,6 +151,14 @@ def dump(obj: object, pickler: SubprocPickler) -> Parts:
         return Parts(chunks, sum(map(len, chunks)), buffers)
     data = pickler.dumps(obj)
     return Parts([data], len(data), [])
+
+
+def dump_job(fn: Any, args: tuple[Any, ...], kwargs: Any, pickler: SubprocPickler, max_payload: int | None) -> Parts:
+    """Pickle a call ``fn(*args, **kwargs)``; PayloadTooLargeError (naming the job) over ``max_payload``."""
+    parts = dump((fn, tuple(args), dict(kwargs or {})), pickler)
+    if max_payload is not None and parts.size > max_payload:
+        raise PayloadTooLargeError(f"job {describe_job(fn)}", parts.size, max_payload)
+    return parts
 
 
 def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> tuple[object, bool]:

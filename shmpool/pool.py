@@ -44,10 +44,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from .codec import dump
+from .codec import dump_job
 from .core import PoolCore, PoolStats
 from .dispatcher import JOIN_LIMIT, Dispatcher
-from .errors import PayloadTooLargeError, SubprocException, describe_job, remote_error
+from .errors import SubprocException, describe_job, remote_error
 from .interrupts import deferred_interrupt
 from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
@@ -212,9 +212,7 @@ class SubprocPool:
         """``submit`` with options: ``timeout`` seconds of running time, after which the
         future fails with ``JobTimeoutError`` and the worker is replaced."""
         self._check_usable()
-        parts = dump((job_fn, tuple(args), dict(kwargs or {})), self.pickler)
-        if self._max_payload is not None and parts.size > self._max_payload:
-            raise PayloadTooLargeError(f"job {describe_job(job_fn)}", parts.size, self._max_payload)
+        parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
         job_timeout = timeout if timeout is not None else self._job_timeout
         job = Job(next(self._job_ids), Future(), parts, job_timeout, describe_job(job_fn))
         core = self._core

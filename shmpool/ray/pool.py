@@ -54,11 +54,10 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from ..codec import dump
+from ..codec import dump_job
 from ..core import settle
 from ..errors import (
     JobTimeoutError,
-    PayloadTooLargeError,
     SubprocException,
     WorkerDiedError,
     WorkerStartError,
@@ -277,9 +276,7 @@ class RayPool:
         future fails with ``JobTimeoutError`` and the actor is replaced."""
         if self._closing:
             raise RuntimeError("cannot submit to a RayPool after shutdown()")
-        parts = dump((job_fn, tuple(args), dict(kwargs or {})), self.pickler)
-        if self._max_payload is not None and parts.size > self._max_payload:
-            raise PayloadTooLargeError(f"job {describe_job(job_fn)}", parts.size, self._max_payload)
+        parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
         wire = to_wire(parts)
         arg: Any = ray.put(wire) if parts.size >= INLINE_LIMIT else wire
         job = _Job(next(self._job_ids), Future(), arg, parts.size, parts.oob_bytes,
