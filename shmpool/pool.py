@@ -217,28 +217,25 @@ class SubprocPool:
         job = Job(next(self._job_ids), Future(), parts, job_timeout, describe_job(job_fn))
         core = self._core
         with deferred_interrupt():  # placed and announced together, or not at all
-            placed, was_quiesced = self._place_at_once(job)
-        now = core.last_activity
-        if not placed:
+            done, was_quiesced = self._place_at_once(job)
+        if not done:
             # No room now: keep a private copy (outside the lock: it may be big), then queue.
             job.payload = core.frozen(parts)
             with core.lock:
                 if core.closing:
                     job.drop_payload()
                     raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
-                core.enqueue(job)
-                core.place_pending(now)
-                self._dispatcher.reset_start_failures(unless_live=True)
-                if was_quiesced or job.timeout is not None or self._dispatcher.short_handed:
-                    self._dispatcher.wake()
+                self._queue(job, was_quiesced)
         core.flush()
         return job.future
 
     def _place_at_once(self, job: Job) -> tuple[bool, bool]:
         """Put ``job`` straight into a worker's ring if one has room (under a stream of short
         jobs, behind others: core.SHORT_JOB_PIPELINE_DEPTH, so a worker finds its next job
-        waiting). Its header is sent once the lock is released, so the dispatcher is not held
-        up by the send; the worker counts as full until then, which keeps its headers in order."""
+        waiting), or, if its bytes cannot change, into the queue; returns whether it was either,
+        and whether the pool was quiesced. A placed job's header is sent once the lock is
+        released, so the dispatcher is not held up by the send; the worker counts as full until
+        then, which keeps its headers in order."""
         core = self._core
         header: list[bytes] = []
         with core.lock:
@@ -250,16 +247,33 @@ class SubprocPool:
             # A busy worker's header waits for its next reply (the dispatcher sends it then):
             # no wake-up of a worker that is busy anyway, no send that stalls this thread.
             if w is not None and w.inflight:
-                placed = core.place(w, job, now, w.deferred) is not None
+                done = core.place(w, job, now, w.deferred) is not None
             else:
-                placed = w is not None and core.place(w, job, now, header) is not None
+                done = w is not None and core.place(w, job, now, header) is not None
             if header:
                 w.unsent = True  # type: ignore[union-attr]
-            if placed and (was_quiesced or job.timeout is not None):
+            if done and (was_quiesced or job.timeout is not None):
                 self._dispatcher.wake()  # restart workers / watch the deadline
+            elif not done and not job.payload.mutable:  # type: ignore[union-attr]
+                self._queue(job, was_quiesced)  # nothing to copy: queued in this same hold
+                done = True
         if header:
             core.send_now(w, header)  # type: ignore[arg-type]
-        return placed, was_quiesced
+        return done, was_quiesced
+
+    def _queue(self, job: Job, was_quiesced: bool) -> None:
+        """Under lock: ``job``, which could not be placed, waits in the queue."""
+        core = self._core
+        behind = bool(core.pending)
+        core.enqueue(job)
+        # Jobs waiting already: the last try found no room, and whatever makes room (a reply, a
+        # READY, an exit) has the dispatcher place the queue; this one joins it without another
+        # try (the submitter's hot path under a burst).
+        if not behind:
+            core.place_pending(core.last_activity)
+            self._dispatcher.reset_start_failures(unless_live=True)
+        if was_quiesced or job.timeout is not None or self._dispatcher.short_handed:
+            self._dispatcher.wake()
 
     def quiesce(self) -> None:
         """Stop the workers to give their memory back; the next job or ``wakeup()`` restarts them."""
