@@ -54,7 +54,9 @@ class Payload:
         self._keep_segment = keep_segment
         self._reusable = True
 
-    def release(self) -> bool:
+    def release(self, *, full_collection: bool = True) -> bool:
+        """``full_collection``: see ``Segment.unmap`` (a one-off segment's answer may then be
+        provisional; a ring region's never is)."""
         if self.view is None:
             return self._reusable  # released already: the same answer
         self.view.release()
@@ -68,7 +70,7 @@ class Payload:
         if self._ring is not None and reusable:
             self._ring.free()
         if self.segment is not None:
-            reusable = self.segment.unmap() and reusable
+            reusable = self.segment.unmap(full_collection=full_collection) and reusable
             if not self._keep_segment:
                 self.segment.close()
                 self.segment = None
@@ -185,8 +187,8 @@ class Endpoint:
         self.spares = spares
         self.oneoff_threshold = outgoing.capacity
 
-    def send_control(self, kind: wire.MsgKind, job_id: int = 0, offset: int = 0, length: int = 0) -> None:
-        send_header(self.sock, wire.encode(kind, job_id, offset, length))
+    def send_control(self, kind: wire.MsgKind, job_id: int = 0, offset: int = 0, length: int = 0, flags: int = 0) -> None:
+        send_header(self.sock, wire.encode(kind, job_id, offset, length, flags))
 
     def stage(
         self,

@@ -198,12 +198,15 @@ class PoolCore:
         workers and jobs are short, else one."""
         best: Worker | None = None
         fewest = 1 << 30
+        best_rank = 1 << 31
         placed = 0
         for w in self.workers.values():
             n = len(w.inflight)
             placed += n
-            if n < fewest and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
-                best, fewest = w, n
+            # Among equals, one not busy settling a segment (a full collection, worker.py) first.
+            rank = 2 * n + (1 if w.settling else 0)
+            if rank < best_rank and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
+                best, fewest, best_rank = w, n, rank
         if best is None:
             return None
         if waiting is None:

@@ -442,6 +442,8 @@ class Dispatcher:
             value, exc = None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
         finally:
             payload.release()
+        if header.flags & wire.Flag.UNSETTLED and (lent is None or header.flags & (wire.Flag.KEPT | wire.Flag.IN_JOB_SEGMENT | wire.Flag.ONEOFF)):
+            value, exc = None, _ProtocolError(f"job {job.job_id}'s reply says UNSETTLED: only the reply in the ring to a job in a segment of its own may")
         # Segments go back to the spares only from a worker that kept to the protocol: one that
         # broke it is killed, but could write into them until it is gone.
         trusted = not isinstance(exc, _ProtocolError)
@@ -449,7 +451,10 @@ class Dispatcher:
         if lent is not None:
             assert placement is not None
             job.placement = placement._replace(oneoff=None)
-            if trusted and not header.flags & wire.Flag.KEPT:
+            if trusted and header.flags & wire.Flag.UNSETTLED:
+                with self.core.lock:
+                    w.settling[job.job_id] = lent  # spares or closed on its SETTLED (_on_settled)
+            elif trusted and not header.flags & wire.Flag.KEPT:
                 spares.give(lent)
             else:
                 lent.close()  # KEPT: the job's views in the worker still see it
@@ -470,7 +475,9 @@ class Dispatcher:
             for fd in fds:
                 os.close(fd)
             raise wire.WireError(f"{kind.name} arrived with fds")
-        if kind == wire.MsgKind.READY and w.state is WorkerState.STARTING:
+        if kind == wire.MsgKind.SETTLED:
+            self._on_settled(w, header)
+        elif kind == wire.MsgKind.READY and w.state is WorkerState.STARTING:
             self._chores = True
             with core.lock:
                 if w.proc is not None and header.offset != w.pid:
@@ -485,6 +492,19 @@ class Dispatcher:
             core.send_placed()
         else:
             raise wire.WireError(f"unexpected {kind.name} from a worker in state {w.state.name}")
+
+    def _on_settled(self, w: Worker, header: wire.Header) -> None:
+        """The worker's final word on a segment it answered UNSETTLED: warm it, or close it."""
+        if header.offset or header.length or header.flags & ~wire.Flag.KEPT:
+            raise wire.WireError(f"malformed SETTLED for job {header.job_id}")
+        with self.core.lock:
+            segment = w.settling.pop(header.job_id, None)
+        if segment is None:
+            raise wire.WireError(f"SETTLED for job {header.job_id}, which left no segment with that worker")
+        if header.flags & wire.Flag.KEPT:
+            segment.close()  # the job's views in the worker still see it
+        else:
+            self.core.spares.give(segment)
 
     def _job_done(self, w: Worker, job: Job, header: wire.Header, now: float) -> None:
         """Bookkeeping when ``w`` answers ``job``, under lock."""
@@ -605,6 +625,7 @@ class Dispatcher:
         if w.was_ready and not w.expected_exit:
             core.counts["workers_died"] += 1
         w.endpoint.close()
+        w.close_settling()
         for name in w.sem_names:
             unlink_semaphore(name)
         if not w.was_ready and not w.expected_exit:
@@ -719,6 +740,7 @@ class Dispatcher:
                 w.endpoint.close()  # EOF for a worker still busy in a job
             except OSError:
                 pass
+            w.close_settling()
             for name in w.sem_names:
                 unlink_semaphore(name)
         deadline = time.monotonic() + QUIT_GRACE

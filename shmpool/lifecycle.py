@@ -21,6 +21,7 @@ from concurrent.futures import Future
 
 from .channel import Endpoint, Placement
 from .codec import Frozen, Parts
+from .shm import Segment
 
 
 class JobState(enum.Enum):
@@ -95,6 +96,7 @@ class Worker:
     __slots__ = (
         "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
+        "settling",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
@@ -118,6 +120,16 @@ class Worker:
         # Headers of jobs callers placed behind its running ones. The dispatcher sends them with
         # its next placements, after the worker's next reply: a busy worker needs no wake-up.
         self.deferred: list[bytes] = []
+        # One-off segments of jobs it answered UNSETTLED, by job id: it still maps them until its
+        # SETTLED message (wire.py); they go to the spares then, or are closed when it is gone.
+        # Changed by the dispatcher only, under the lock (placement prefers workers without any).
+        self.settling: dict[int, Segment] = {}
+
+    def close_settling(self) -> None:
+        """It is gone (or going): nobody will settle its segments; close them."""
+        settling, self.settling = self.settling, {}
+        for segment in settling.values():
+            segment.close()
 
     @property
     def live(self) -> bool:

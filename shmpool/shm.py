@@ -131,16 +131,20 @@ class Segment:
         self.unmap()
         self._map_first(max(size, have), populate=True)
 
-    def unmap(self) -> bool:
+    def unmap(self, *, full_collection: bool = True) -> bool:
         """Drop the mapping, keeping the fd. False when views of it are still alive (a job kept
-        an array): the mapping then lives on until they die, and the pages must not be reused."""
+        an array): the mapping then lives on until they die, and the pages must not be reused.
+        Without ``full_collection`` only the young generations are collected before that answer;
+        a False answer is then provisional: the mapping is held, and a later ``unmap()`` gives
+        the final one (worker.py runs that full collection after the job's reply is out)."""
         if self.view is not None:
             self.view.release()
             self.view = None
         clean = True
         if self._map is not None:
-            clean = _close_map(self._map)
-            self._map = None
+            clean = _close_map(self._map, full_collection)
+            if clean or full_collection:
+                self._map = None
         return clean
 
     def close(self) -> None:
@@ -152,13 +156,13 @@ class Segment:
             self.fd = -1
 
 
-def _close_map(mapping: mmap.mmap) -> bool:
+def _close_map(mapping: mmap.mmap, full_collection: bool = True) -> bool:
     """Unmap; False when views of it are still alive (the mapping then lives until they die).
     Views a job dropped can still be held by reference cycles (an ``nn.Module``'s, a graph's)
     until the cyclic collector runs: run it before concluding the job kept them, the young
-    generations first (a millisecond), then all (tens of ms with torch loaded), which still
-    costs less than copying the region away or a fresh segment for the next job."""
-    for generation in (None, 1, 2):
+    generations first (a millisecond), then, with ``full_collection``, all (tens of ms with
+    torch loaded), which still costs less than copying the region away or a fresh segment."""
+    for generation in (None, 1, 2) if full_collection else (None, 1):
         if generation is not None:
             gc.collect(generation)
         try:

@@ -36,7 +36,7 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 3  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK
+VERSION = 4  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 MAX_BATCH = 16  # headers in one message at most
@@ -80,6 +80,9 @@ class MsgKind(enum.IntEnum):
     READY = 10  # no payload: INIT done; offset = worker pid
     RESULT = 11  # payload: the job's return value
     ERROR = 12  # payload: (exception name, traceback text, shmpool error or None), plain pickle
+    # No payload: job_id = a job whose reply said UNSETTLED; flags = KEPT or 0, the final word
+    # on its one-off segment, sent once the worker's full cyclic collection has run.
+    SETTLED = 13
     # parent <-> fork helper
     FORK = 20  # parent -> helper; fds: socket, request ring, response ring; job_id = worker serial
     FORKED = 21  # helper -> parent; job_id = worker serial, offset = pid; fds: the worker's pidfd
@@ -98,9 +101,14 @@ class Flag:
     # RESULT/ERROR of a job that came in a one-off segment: the job kept views of it, which the
     # worker's mapping keeps alive, so the parent must never write into it again.
     KEPT = 8
+    # RESULT/ERROR of a job that came in a one-off segment, sent before the worker knows whether
+    # the job kept views of it: some are held only by reference cycles until a full collection
+    # (tens of ms with torch loaded), which the worker runs after the reply is out. Its SETTLED
+    # message then says KEPT or not; until then the parent must not write into the segment.
+    UNSETTLED = 16
 
 
-_KNOWN_FLAGS = Flag.ONEOFF | Flag.RECYCLE | Flag.IN_JOB_SEGMENT | Flag.KEPT
+_KNOWN_FLAGS = Flag.ONEOFF | Flag.RECYCLE | Flag.IN_JOB_SEGMENT | Flag.KEPT | Flag.UNSETTLED
 _KINDS = {int(k): k for k in MsgKind}
 
 

@@ -18,7 +18,10 @@ One job, in order (the parent relies on each step's place):
      one-off segment when the job came in one (grown if short: its pages are warm), else in a
      fresh one. A job that kept views of its one-off segment gets KEPT on its reply instead,
      and the parent never writes into that segment again;
-  7. send the header.
+  7. send the header;
+  8. a job in a one-off segment whose views outlived a young-generation collection was
+     answered UNSETTLED: run the full collection now, off the caller's path, and send SETTLED
+     (KEPT or not). Until then the parent keeps that segment out of its spares.
 
 Headers arrive in batches when the parent stacks short jobs. A short job's reply header is
 then held while more jobs are queued here, and all held headers go out as one message when
@@ -107,6 +110,7 @@ class Worker:
         self._held_since = 0.0
         self._job_started = 0.0
         self._eof = False  # the parent closed its end (seen while looking ahead)
+        self._unsettled: list[tuple[int, Segment]] = []  # answered UNSETTLED: (job id, segment still mapped)
 
     def _parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
@@ -248,9 +252,12 @@ class Worker:
         answer.release()  # drop the result object before the parent copies it
         del answer
         if request is not None:
-            taken, unused = _take_back(request)
+            taken, unused = _take_back(request, settle_later=not flags & wire.Flag.RECYCLE)
             flags |= taken
-            if unused is not None:
+            if taken & wire.Flag.UNSETTLED:
+                assert unused is not None
+                self._unsettled.append((job_id, unused))
+            elif unused is not None:
                 unused.close()
         hold = (
             placement.oneoff is None
@@ -268,7 +275,18 @@ class Worker:
                 placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
         if not hold:
             self._send_held()
+        self._settle()
         return flags
+
+    def _settle(self) -> None:
+        """Give the final word on segments answered UNSETTLED, now the reply is out: a full
+        collection, then SETTLED with KEPT when the job's views outlived it."""
+        assert self.endpoint is not None
+        while self._unsettled:
+            job_id, segment = self._unsettled.pop(0)
+            clean = segment.unmap()
+            segment.close()  # kept views keep the mapping (not the fd) alive
+            self.endpoint.send_control(wire.MsgKind.SETTLED, job_id, flags=0 if clean else int(wire.Flag.KEPT))
 
     def _more_queued(self) -> bool:
         """Whether another job is waiting for us: in hand, or in the socket already."""
@@ -341,16 +359,21 @@ class Worker:
             self._send_held()
 
 
-def _take_back(request: Payload) -> tuple[int, Segment | None]:
+def _take_back(request: Payload, *, settle_later: bool = False) -> tuple[int, Segment | None]:
     """Free a job's request memory. Returns the reply's flags for it (KEPT: the job kept views
     of its one-off segment; RECYCLE: of a ring region we could not take back) and the one-off
-    segment, unmapped, when nothing views it any more (the caller reuses or closes it)."""
-    clean = request.release()
+    segment, unmapped, when nothing views it any more (the caller reuses or closes it).
+    ``settle_later``: for a one-off segment, run only the cheap collections now; if views
+    outlive them, answer UNSETTLED with the segment still mapped (see Worker._settle)."""
+    provisional = settle_later and request.segment is not None
+    clean = request.release(full_collection=not provisional)
     segment, request.segment = request.segment, None
     if segment is None:
         return (0 if clean else int(wire.Flag.RECYCLE)), None
     if clean:
         return 0, segment
+    if provisional:
+        return int(wire.Flag.UNSETTLED), segment
     segment.close()  # the job's views keep our mapping alive; the parent must not reuse it
     return int(wire.Flag.KEPT), None
 

@@ -124,6 +124,32 @@ class _Cycle:
         self.a = a
 
 
+class _SlowFinalizer:
+    """Marks, after a delay, that the cyclic collector has freed the cycle it belongs to."""
+
+    def __init__(self, marker: str, delay: float) -> None:
+        self.marker = marker
+        self.delay = delay
+
+    def __del__(self) -> None:
+        time.sleep(self.delay)
+        with open(self.marker, "w") as f:
+            f.write("collected")
+
+
+def hold_in_an_old_cycle(a: np.ndarray, marker: str, delay: float) -> int:
+    """Leave the (in-place) argument referenced only by a cycle that has reached the oldest
+    generation, as a big FX graph's module does after a long job: only a full collection
+    frees it, and that collection (slowed down here by a finalizer) marks ``marker``."""
+    import gc
+
+    cycle = _Cycle(a)
+    cycle.finalizer = _SlowFinalizer(marker, delay)  # type: ignore[attr-defined]
+    gc.collect()  # survives it, so it now lives in the oldest generation
+    del cycle
+    return int(a[0])
+
+
 def hold_in_a_cycle(a: np.ndarray) -> int:
     """Leave the (in-place) argument referenced only by a reference cycle, as an nn.Module's
     parameters are: garbage, but alive until the cyclic collector runs."""

@@ -64,6 +64,21 @@ def test_an_argument_held_only_by_a_reference_cycle_does_not_cost_the_warm_segme
     assert pool.stats().warm_segments == 1
 
 
+def test_the_reply_does_not_wait_for_the_full_collection_that_warms_the_segment(make_pool, tmp_path) -> None:
+    # An argument freed only by a full collection (an FX graph's weights after a long job): the
+    # worker answers first and settles the segment after (wire.Flag.UNSETTLED, SETTLED).
+    pool = make_pool(1, ring_size=RING)
+    marker = tmp_path / "collected"
+    arr = np.full(BIG, 7, dtype=np.uint8)
+    assert pool.submit(corejobs.hold_in_an_old_cycle, arr, str(marker), 2.0).result(RESULT_TIMEOUT) == 7
+    assert not marker.exists()  # the answer came before the collection (which takes >= 2 s)
+    _wait_for(lambda: pool.stats().spare_bytes >= BIG)  # then SETTLED: the segment is warm
+    assert marker.exists()
+    second = np.full(BIG, 9, dtype=np.uint8)
+    assert pool.submit(corejobs.hold_in_an_old_cycle, second, str(marker), 0.0).result(RESULT_TIMEOUT) == 9
+    assert pool.stats().warm_segments == 1
+
+
 def test_quiesce_gives_the_warm_segments_back(make_pool) -> None:
     pool = make_pool(1, ring_size=RING)
     pool.submit(corejobs.echo, os.urandom(BIG)).result(RESULT_TIMEOUT)

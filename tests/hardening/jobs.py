@@ -359,6 +359,7 @@ def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0, ball
          "ready_decoy" a second READY, claiming the worker's pid is `decoy_pid` (a process the test owns)
          "in_job_segment" a RESULT header saying the result is in this job's one-off segment, 16 MiB
                       longer than that segment (or for a job that came through the ring: no segment)
+         "settled_unknown"  a SETTLED for this job, which left no segment unsettled
     `ballast`: a payload that makes the job itself big (over the ring: a one-off segment)
     """
     import socket
@@ -380,6 +381,8 @@ def send_bad_reply(how, then_sleep=0.0, value="after-garbage", decoy_pid=0, ball
         elif how == "in_job_segment":
             length = len(ballast) + (16 << 20)
             sock.send(wire.encode(wire.MsgKind.RESULT, _current_job_id(), 0, length, wire.Flag.IN_JOB_SEGMENT))
+        elif how == "settled_unknown":
+            sock.send(wire.encode(wire.MsgKind.SETTLED, _current_job_id()))
         elif how == "ready_decoy":
             assert decoy_pid > 0
             sock.send(wire.encode(wire.MsgKind.READY, 0, decoy_pid))

@@ -285,7 +285,7 @@ def test_d3_parent_cannot_map_a_result_fails_that_job_only(kind):
 
 
 # --- defect 4: a worker sends an invalid reply header ---------------------------------------------------
-BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe", "ready_decoy", "in_job_segment"]
+BAD_REPLIES = ["short", "long", "bad_magic", "wrong_job", "bad_region", "oneoff_pipe", "ready_decoy", "in_job_segment", "settled_unknown"]
 
 
 @pytest.mark.parametrize("how", BAD_REPLIES)
