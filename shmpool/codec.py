@@ -185,5 +185,8 @@ def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> 
     elif nbuf:
         raise CodecError("out-of-band buffers sent to a pickler without loads_from")
     else:
-        obj = pickler.loads(stream)  # type: ignore[arg-type]
+        # torch's contract: loads(bytes). A view of shared memory would break a pickler that
+        # calls bytes methods, and one that keeps views of its input would see later jobs'
+        # bytes once the region is reused: give it bytes of its own (one more copy).
+        obj = pickler.loads(stream.tobytes())
     return obj, bool(buffers) and not copy_buffers

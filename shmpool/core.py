@@ -19,7 +19,8 @@ from . import wire
 from .channel import Placement, freeze
 from .codec import Frozen, IN_PLACE_MIN_BYTES, Parts, oob_bytes_of
 from .errors import SubprocException
-from .interrupts import deferred_interrupt
+from .futures import settle
+from .interrupts import deferred_signals
 from .lifecycle import Job, JobState, Worker, WorkerState, move_job, move_worker
 from .shm import SharedMemoryError
 from .spares import SpareSegments
@@ -59,18 +60,6 @@ class PoolStats:
     workers_died: int = 0
 
 
-def settle(future: Future, result: Any = None, exc: BaseException | None = None) -> bool:
-    """Resolve a future unless it already is. Never raises."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except Exception:  # InvalidStateError: already resolved, or cancel()led: the caller gave up
-        return False
-    return True
-
-
 class PoolCore:
     def __init__(
         self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException], spare_limit: int | None = None
@@ -85,7 +74,7 @@ class PoolCore:
         self.job_seconds = SHORT_JOB_SECONDS  # running average of job time: no stacking before a short job is seen
         self.last_activity = time.monotonic()
         self.remote_error_class = remote_error_class
-        self._zero_copy = zero_copy
+        self.zero_copy = zero_copy  # the pool's pickler has the zero-copy hooks (pickler.has_zero_copy)
         self._to_settle: list[tuple[Future, Any, BaseException | None]] = []
         self._unsent: list[tuple[Worker, list[bytes]]] = []  # dispatcher only: see place_pending
         self.wake: Callable[[], None] = lambda: None  # the dispatcher's; set when it starts
@@ -100,10 +89,13 @@ class PoolCore:
         ``into``, for a caller that settles them itself once out of the lock)."""
         move_job(job, JobState.DONE)
         job.drop_payload()
-        # A job that was placed is running: its future cannot have been cancelled.
+        # A job that was placed is running: its future cannot have been cancelled. One cancelled
+        # while it waited still goes to settle(), which marks it notified for wait().
         if job.running or not job.future.done():
             self.counts["jobs_failed" if exc is not None else "jobs_completed"] += 1
             (self._to_settle if into is None else into).append((job.future, value, exc))
+        elif job.future.cancelled():
+            (self._to_settle if into is None else into).append((job.future, None, None))
 
     def flush(self) -> None:
         """Resolve queued futures. Call without ``lock``: done-callbacks may call back in."""
@@ -131,7 +123,7 @@ class PoolCore:
         at once, or with ``send_later`` (the dispatcher) by ``send_placed`` once the lock is
         released, so callers are not kept waiting on the lock through the sends (``w.unsent``
         keeps other placers off such a worker meanwhile, so its headers stay in ring order)."""
-        with deferred_interrupt():
+        with deferred_signals():
             self._place_pending(now, send_later, answered)
 
     def _place_pending(self, now: float, send_later: bool, answered: Worker | None) -> None:
@@ -245,13 +237,32 @@ class PoolCore:
         return True
 
     def _commit(self, w: Worker, job: Job, placement: Placement, batch: list[bytes] | None) -> None:
-        w.inflight.append(job)
-        move_job(job, JobState.PLACED)
-        job.placement = placement
+        """Note ``job`` as ``w``'s and announce it. An exception before it is announced (one
+        no signal handler raises, interrupts.py: a MemoryError, a tracer's) takes it all
+        back, its ring space included: a job noted but never announced would stall ``w``."""
+        mark = len(batch) if batch is not None else 0
+        announced = False
         try:
+            w.inflight.append(job)
+            move_job(job, JobState.PLACED)
+            job.placement = placement
             w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement, 0, batch)
+            announced = True
         except OSError:
             self._socket_broke(w)  # the job is put back when it exits
+        except BaseException:
+            if not announced:
+                if w.inflight and w.inflight[-1] is job:
+                    w.inflight.pop()
+                job.state = JobState.QUEUED
+                job.placement = None
+                if batch is not None:
+                    del batch[mark:]
+                if placement.oneoff is None:
+                    w.endpoint.outgoing.unreserve(placement.start)
+                else:
+                    placement.oneoff.close()
+            raise
 
     def _count_placed(self, payload: Parts | Frozen, placement: Placement) -> None:
         size = placement.size
@@ -261,8 +272,10 @@ class PoolCore:
         copied = size - in_place  # the worker's read: all but what it uses in place
         if placement.written:
             copied += size  # our write into shared memory
-        if isinstance(payload, Parts) and not self._zero_copy:
-            copied += size  # a dumps()-only pickler made a bytes of it first
+        if not self.zero_copy:
+            copied += size  # the worker hands a dumps()/loads()-only pickler bytes of its own
+            if isinstance(payload, Parts):
+                copied += size  # and that pickler's dumps() made a bytes of it first
         counts["copied_to_workers"] += copied
         if placement.oneoff is not None:
             counts["oneoff_segments"] += 1

@@ -37,7 +37,8 @@ from typing import Any
 from . import wire
 from .channel import Endpoint, recv_header, recv_headers
 from .codec import CodecError, dump, load
-from .core import JOB_SECONDS_WEIGHT, PoolCore, settle
+from .core import JOB_SECONDS_WEIGHT, PoolCore
+from .futures import settle
 from .errors import JobTimeoutError, SubprocException, WorkerDiedError, WorkerStartError, describe_exit
 from .launch import ForkHelper, spawn_worker, stop_process
 from .lifecycle import Job, Worker, WorkerState, move_worker
@@ -412,7 +413,8 @@ class Dispatcher:
                 if header.flags & wire.Flag.IN_JOB_SEGMENT:
                     core.counts["warm_segments"] += 1
                 core.counts["bytes_from_workers"] += header.length
-                core.counts["copied_from_workers"] += 2 * header.length  # worker's write, our read
+                # The worker's write and our read; a dumps()/loads()-only pickler adds its bytes each side.
+                core.counts["copied_from_workers"] += (2 if core.zero_copy or header.kind == wire.MsgKind.ERROR else 4) * header.length
                 core.resolve(job, value, exc, into=settled)
         for future, value, exc in settled:
             settle(future, value, exc)
@@ -438,7 +440,7 @@ class Dispatcher:
         # The response ring is read only by this thread: no lock for the payload itself.
         try:
             value, exc = self._decode(header, payload)
-        except Exception as e:
+        except BaseException as e:
             value, exc = None, _ProtocolError(f"job {job.job_id}'s reply could not be read: {e}")
         finally:
             payload.release()
@@ -535,7 +537,7 @@ class Dispatcher:
             return None, self.core.remote_error_class(str(details), str(name))
         try:
             value, _ = load(payload.view, self._pickler, copy_buffers=True)
-        except Exception:
+        except BaseException:  # SystemExit, KeyboardInterrupt from a __reduce__: this job's failure
             return None, self.core.remote_error_class(
                 "the job's result could not be unpickled in the parent:\n" + traceback.format_exc()
             )

@@ -1,10 +1,14 @@
-"""Holding Ctrl-C back across the few steps that must happen together.
+"""Holding signal handlers back across the few steps that must happen together.
 
-Placing a job is: write its payload, note it in the worker's queue, send its header. A
-KeyboardInterrupt between the last two would leave a job the worker never hears of, or a header
-for a job the pool forgot. Python raises KeyboardInterrupt only in the main thread, between
-bytecodes, so there, and only while Python's own handler is installed, the handler is swapped
-for one that notes the signal; the interrupt is raised once the steps are done.
+Placing a job is: write its payload, note it in the worker's queue (or the pool's), send its
+header. An exception between those steps would leave a job the worker never hears of (its
+future, and every job queued behind it, would wait forever) or a header for a job the pool
+forgot. Only Python-level signal handlers can raise there: ``KeyboardInterrupt`` from Ctrl-C,
+a SIGTERM handler calling ``sys.exit``, a SIGALRM timeout. Python runs them in the main thread
+only, between bytecodes, whichever thread the signal hit. So, in the main thread, every signal
+with a Python handler gets a handler that only notes it for the block's duration; afterwards
+the real handlers are put back and each noted signal is raised again, so its handler runs (and
+may raise) right after the steps, as if the signal had come a moment later.
 """
 from __future__ import annotations
 
@@ -20,32 +24,44 @@ except ImportError:  # pragma: no cover - another implementation
     _getsignal, _setsignal = signal.getsignal, signal.signal
 
 _MAIN_THREAD_ID = threading.main_thread().ident
-_SIGINT = int(signal.SIGINT)
+# Every signal a Python handler can be set for (SIGKILL and SIGSTOP cannot be caught).
+_CATCHABLE = tuple(int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
-def interruptible() -> bool:
-    """Whether a KeyboardInterrupt can land in this thread (the main one; cheap to ask)."""
-    return threading.get_ident() == _MAIN_THREAD_ID
+class deferred_signals:
+    """``with deferred_signals(): ...`` holds Python signal handlers back for the block (a
+    class, not a generator: this runs for every job submitted)."""
 
+    __slots__ = ("_swapped", "_caught")
 
-class deferred_interrupt:
-    """``with deferred_interrupt(): ...`` holds Ctrl-C back for the block (a class, not a
-    generator: this runs for every job placed)."""
-
-    __slots__ = ("_active", "_caught")
-
-    def __enter__(self) -> "deferred_interrupt":
-        self._active = interruptible() and _getsignal(_SIGINT) is signal.default_int_handler
-        if self._active:
-            self._caught = False
-            _setsignal(_SIGINT, self._note)
+    def __enter__(self) -> "deferred_signals":
+        self._swapped: list[tuple[int, object]] = []
+        if threading.get_ident() != _MAIN_THREAD_ID:
+            return self  # no Python handler ever runs in this thread
+        self._caught: list[int] = []
+        swapped = self._swapped
+        try:
+            for signum in _CATCHABLE:
+                handler = _getsignal(signum)
+                if callable(handler):
+                    _setsignal(signum, self._note)
+                    swapped.append((signum, handler))
+        except BaseException:
+            self._restore()  # a handler raised before its turn came: nothing is held yet
+            raise
         return self
 
     def _note(self, signum: int, frame: object) -> None:
-        self._caught = True
+        self._caught.append(signum)
+
+    def _restore(self) -> None:
+        swapped, self._swapped = self._swapped, []
+        for signum, handler in swapped:
+            _setsignal(signum, handler)
 
     def __exit__(self, *exc: object) -> None:
-        if self._active:
-            _setsignal(_SIGINT, signal.default_int_handler)
-            if self._caught:
-                raise KeyboardInterrupt
+        if not self._swapped:
+            return
+        self._restore()
+        for signum in self._caught:
+            signal.raise_signal(signum)  # its own handler runs now, and may raise

@@ -48,7 +48,8 @@ from .codec import dump_job
 from .core import PoolCore, PoolStats
 from .dispatcher import JOIN_LIMIT, Dispatcher
 from .errors import SubprocException, describe_job, remote_error
-from .interrupts import deferred_interrupt
+from .futures import JobFuture
+from .interrupts import deferred_signals
 from .lifecycle import Job
 from .pickler import SubprocPickler, has_zero_copy
 from .shm import sweep_stale
@@ -214,18 +215,18 @@ class SubprocPool:
         self._check_usable()
         parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
         job_timeout = timeout if timeout is not None else self._job_timeout
-        job = Job(next(self._job_ids), Future(), parts, job_timeout, describe_job(job_fn))
+        job = Job(next(self._job_ids), JobFuture(), parts, job_timeout, describe_job(job_fn))
         core = self._core
-        with deferred_interrupt():  # placed and announced together, or not at all
+        with deferred_signals():  # placed and announced (or queued) together, or not at all
             done, was_quiesced = self._place_at_once(job)
-        if not done:
-            # No room now: keep a private copy (outside the lock: it may be big), then queue.
-            job.payload = core.frozen(parts)
-            with core.lock:
-                if core.closing:
-                    job.drop_payload()
-                    raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
-                self._queue(job, was_quiesced)
+            if not done:
+                # No room now: keep a private copy (outside the lock: it may be big), then queue.
+                job.payload = core.frozen(parts)
+                with core.lock:
+                    if core.closing:
+                        job.drop_payload()
+                        raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
+                    self._queue(job, was_quiesced)
         core.flush()
         return job.future
 
@@ -238,27 +239,30 @@ class SubprocPool:
         then, which keeps its headers in order."""
         core = self._core
         header: list[bytes] = []
-        with core.lock:
-            self._check_usable()
-            core.counts["jobs_submitted"] += 1
-            now = core.last_activity = time.monotonic()
-            was_quiesced, core.quiesced = core.quiesced, False
-            w = None if core.pending else core.pick_worker()
-            # A busy worker's header waits for its next reply (the dispatcher sends it then):
-            # no wake-up of a worker that is busy anyway, no send that stalls this thread.
-            if w is not None and w.inflight:
-                done = core.place(w, job, now, w.deferred) is not None
-            else:
-                done = w is not None and core.place(w, job, now, header) is not None
-            if header:
-                w.unsent = True  # type: ignore[union-attr]
-            if done and (was_quiesced or job.timeout is not None):
-                self._dispatcher.wake()  # restart workers / watch the deadline
-            elif not done and not job.payload.mutable:  # type: ignore[union-attr]
-                self._queue(job, was_quiesced)  # nothing to copy: queued in this same hold
-                done = True
-        if header:
-            core.send_now(w, header)  # type: ignore[arg-type]
+        w = None
+        try:
+            with core.lock:
+                self._check_usable()
+                core.counts["jobs_submitted"] += 1
+                now = core.last_activity = time.monotonic()
+                was_quiesced, core.quiesced = core.quiesced, False
+                w = None if core.pending else core.pick_worker()
+                # A busy worker's header waits for its next reply (the dispatcher sends it then):
+                # no wake-up of a worker that is busy anyway, no send that stalls this thread.
+                if w is not None and w.inflight:
+                    done = core.place(w, job, now, w.deferred) is not None
+                else:
+                    done = w is not None and core.place(w, job, now, header) is not None
+                if header:
+                    w.unsent = True  # type: ignore[union-attr]
+                if done and (was_quiesced or job.timeout is not None):
+                    self._dispatcher.wake()  # restart workers / watch the deadline
+                elif not done and not job.payload.mutable:  # type: ignore[union-attr]
+                    self._queue(job, was_quiesced)  # nothing to copy: queued in this same hold
+                    done = True
+        finally:
+            if header:  # a header in hand is a job noted as w's: sent whatever came after
+                core.send_now(w, header)  # type: ignore[arg-type]
         return done, was_quiesced
 
     def _queue(self, job: Job, was_quiesced: bool) -> None:

@@ -55,7 +55,7 @@ import ray
 from ray.exceptions import RayActorError, RayError
 
 from ..codec import dump_job
-from ..core import settle
+from ..futures import JobFuture, settle
 from ..errors import (
     JobTimeoutError,
     SubprocException,
@@ -279,7 +279,7 @@ class RayPool:
         parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
         wire = to_wire(parts)
         arg: Any = ray.put(wire) if parts.size >= INLINE_LIMIT else wire
-        job = _Job(next(self._job_ids), Future(), arg, parts.size, parts.oob_bytes,
+        job = _Job(next(self._job_ids), JobFuture(), arg, parts.size, parts.oob_bytes,
                    timeout if timeout is not None else self._job_timeout, describe_job(job_fn))
         del parts, wire
         with self._lock:
