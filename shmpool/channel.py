@@ -10,6 +10,7 @@ that (the kernel zeroes and maps each page).
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import stat
@@ -20,7 +21,7 @@ from typing import NamedTuple
 from . import wire
 from .codec import Frozen, Parts
 from .ring import RingReader, RingWriter
-from .shm import RegionMapping, Segment, SharedMemoryError
+from .shm import RegionMapping, Segment, SharedMemoryError, out_of_fds
 from .spares import SpareSegments
 
 MAX_FDS = 4  # the most any message carries (FORK: socket and two rings)
@@ -99,13 +100,30 @@ def send_header(sock: socket.socket, header: bytes, fds: tuple[int, ...] | list[
 
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ARRAY.itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+
+
+class FdsDropped(Exception):
+    """A payload's memfd came with its header, but this process is at its fd limit, so the
+    kernel dropped it: the payload is lost, the link is fine. ``header`` names it."""
+
+    def __init__(self, header: wire.Header) -> None:
+        super().__init__(f"the memfd of {header.kind.name} {header.job_id} was dropped: {out_of_fds()}")
+        self.header = header
+
+
+def _at_fd_limit() -> bool:
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        return e.errno == errno.EMFILE
+    return False
 _MESSAGE_SPACE = wire.HEADER_SIZE * wire.MAX_BATCH + 1  # one more byte: a longer message shows as such
 
 
 def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.Header], list[int]] | None:
     """The headers of the next message and the fds beside it; None at EOF. Raises
     BlockingIOError when nothing is there and the socket (or ``block=False``) does not wait,
-    WireError on a malformed message (its fds closed)."""
+    WireError on a malformed message (its fds closed), FdsDropped when we could not take its fd."""
     try:
         data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else socket.MSG_DONTWAIT)
     except ConnectionResetError:
@@ -119,6 +137,10 @@ def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.
     if not data and not fds:
         return None
     try:
+        if msg_flags & socket.MSG_CTRUNC and not msg_flags & socket.MSG_TRUNC and len(data) == wire.HEADER_SIZE:
+            header = wire.decode(data)
+            if header.flags & wire.Flag.ONEOFF and not fds and _at_fd_limit():
+                raise FdsDropped(header)
         if msg_flags & _TRUNCATED:
             raise wire.WireError("message longer than a batch of headers, or with too many fds")
         n, rest = divmod(len(data), wire.HEADER_SIZE)

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import wire
-from .channel import Endpoint, recv_header, recv_headers
+from .channel import Endpoint, FdsDropped, out_of_fds, recv_header, recv_headers
 from .codec import CodecError, dump, load
 from .core import JOB_SECONDS_WEIGHT, PoolCore
 from .futures import settle
@@ -47,6 +47,8 @@ from .ring import RingReader, RingWriter
 from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, unlink_semaphore
 
 log = logging.getLogger("shmpool.pool")
+# The fds of a reply whose memfd the kernel dropped (channel.FdsDropped): none, known by identity.
+_FDS_DROPPED: list[int] = []
 
 QUIT_GRACE = 2.0  # seconds a worker gets to exit after QUIT (idle) or SIGTERM (busy) at shutdown
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL at shutdown
@@ -350,6 +352,8 @@ class Dispatcher:
                 got = recv_headers(w.endpoint.sock)
             except BlockingIOError:
                 return
+            except FdsDropped as e:  # our fd limit, not the worker's fault: that reply's job fails
+                got = [e.header], _FDS_DROPPED
             except (wire.WireError, OSError) as e:
                 self._protocol_error(w, f"bad message: {e}")
                 return
@@ -427,6 +431,8 @@ class Dispatcher:
         """The result (or error) a reply carries. Never raises: a result we cannot map fails
         alone (SharedMemoryError); a malformed reply comes back as a _ProtocolError. The job's
         one-off segment, and one the result came in, are kept warm (spares.py) once read."""
+        if fds is _FDS_DROPPED:  # its memfd never reached us
+            return None, SharedMemoryError(f"the result of job {job.desc} could not be received: {out_of_fds()}")
         placement = job.placement
         lent = placement.oneoff if placement is not None else None
         try:
@@ -588,6 +594,7 @@ class Dispatcher:
         w.pidfd = -1
         self._on_worker(w)  # a reply sent just before exiting is still in the socket
         self._close_socket(w)
+        self._recover_held(w)
         with self.core.lock:
             if w.proc is not None:
                 w.exitcode = w.proc.wait()  # exited: returns at once
@@ -598,6 +605,25 @@ class Dispatcher:
             else:
                 w.status_by = time.monotonic() + STATUS_WAIT
         self._chores = True
+
+    def _recover_held(self, w: Worker) -> None:
+        """Replies the dead ``w`` wrote but held back (holding.py): read them as if sent. Only
+        ones to its next jobs, in order; any it sent before dying were read from its socket."""
+        ring = w.endpoint.outgoing
+        assert ring.segment.view is not None
+        try:
+            headers = wire.read_held(ring.segment.view, ring.capacity)
+        except wire.WireError as e:
+            log.warning("shmpool worker pid %s left a malformed journal (%s); its held replies are lost", w.pid, e)
+            return
+        inflight = [job.job_id for job in w.inflight]
+        answered = [h for h in headers if h.kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR) and h.job_id in inflight]
+        if not answered or [h.job_id for h in answered] != inflight[: len(answered)]:
+            return
+        try:
+            self._on_headers(w, answered, [])
+        except Exception as e:  # its journal is no more trusted than its socket
+            log.warning("shmpool worker pid %s journaled a bad reply (%s)", w.pid, e)
 
     def _finish(self, w: Worker) -> None:
         """Under lock: ``w`` is gone. Fail the job it was running, put back the jobs it never

@@ -18,6 +18,7 @@ import errno
 import gc
 import mmap
 import os
+import resource
 import secrets
 
 import posix_ipc
@@ -173,13 +174,21 @@ def _close_map(mapping: mmap.mmap, full_collection: bool = True) -> bool:
     return False
 
 
+def out_of_fds() -> str:
+    """Why an fd could not be had, with the fix (for errors that name it)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process is out of file descriptors (RLIMIT_NOFILE is {soft}): raise the limit "
+            "(`ulimit -n`, resource.setrlimit) or close files it no longer needs")
+
+
 def _map_failure(size: int, e: OSError) -> str:
-    hint = (
-        "the process's address space is exhausted (RLIMIT_AS / ulimit -v) or memory is short: "
-        "raise the limit or send a smaller payload"
-        if e.errno == errno.ENOMEM
-        else "the descriptor cannot be mapped"
-    )
+    if e.errno == errno.ENOMEM:
+        hint = ("the process's address space is exhausted (RLIMIT_AS / ulimit -v) or memory is short: "
+                "raise the limit or send a smaller payload")
+    elif e.errno in (errno.EMFILE, errno.ENFILE):
+        hint = out_of_fds()
+    else:
+        hint = "the descriptor cannot be mapped"
     return f"could not map {size:,} bytes of shared memory ({e.strerror}); {hint}"
 
 

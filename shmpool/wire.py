@@ -21,10 +21,10 @@ for all of them. A message that carries fds carries exactly one header.
 
 The request segment (parent -> worker), one per worker::
 
-    0                                   ring_capacity          + CONTROL_BYTES
-    +-----------------------------------+----------+--------------+
-    |   ring: job payloads (ring.py)    | taken id |   (unused)   |
-    +-----------------------------------+----------+--------------+
+    0                                 ring_capacity  +8        +16                      + CONTROL_BYTES
+    +---------------------------------+----------+----------+-------------------------+---------+
+    |  ring: job payloads (ring.py)   | taken id | held: n  | n held reply headers    | (unused)|
+    +---------------------------------+----------+----------+-------------------------+---------+
 
 The response segment (worker -> parent) is all ring. Job ids start at 1: id 0 names the
 worker's own set-up (INIT, and the ERROR an initializer that raised sends back).
@@ -36,7 +36,7 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 4  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED
+VERSION = 5  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED. 5: held-reply journal
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 MAX_BATCH = 16  # headers in one message at most
@@ -44,12 +44,20 @@ _U64_MAX = (1 << 64) - 1
 
 SETUP_JOB_ID = 0
 
-# The request segment ends with a control block its ring never uses. The worker stores there the
-# id of each job as it takes the job's header off the socket, before touching the payload. The
-# parent reads it only once the worker is dead (no ordering needed): it tells a job that started
-# (fail it: it may be what killed the worker) from one the worker never read (run it elsewhere).
-CONTROL_BYTES = 64
+# The request segment ends with a control block its ring never uses, which the parent reads only
+# once the worker is dead (no ordering needed while it lives):
+#  - at offset 0, the id of each job the worker takes off the socket, stored before it touches the
+#    payload: it tells a job that started (fail it: it may be what killed the worker) from one the
+#    worker never read (run it elsewhere);
+#  - at offset 8, the journal of reply headers the worker holds back (worker.py): their count, then
+#    the headers, each written before the count that covers it; the count goes back to 0 once they
+#    are sent. A worker that dies holding replies to finished jobs loses none of them: their results
+#    are in the response ring, and the parent reads them from there.
+CONTROL_BYTES = 1024
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
+_HELD_COUNT = struct.Struct("<Q")
+_HELD_AT = 8
+_HEADERS_AT = 16
 
 
 def request_segment_size(ring_capacity: int) -> int:
@@ -69,6 +77,23 @@ def read_taken(request: memoryview, ring_capacity: int) -> int:
 
 def mark_taken(request: memoryview, ring_capacity: int, job_id: int) -> None:
     TAKEN.pack_into(request, ring_capacity, job_id)
+
+
+def journal_held(request: memoryview, ring_capacity: int, headers: list[bytes]) -> None:
+    """Record the reply headers held now (at most MAX_BATCH): headers first, then their count."""
+    start = ring_capacity + _HEADERS_AT
+    data = b"".join(headers)
+    request[start : start + len(data)] = data
+    _HELD_COUNT.pack_into(request, ring_capacity + _HELD_AT, len(headers))
+
+
+def read_held(request: memoryview, ring_capacity: int) -> list[Header]:
+    """The held reply headers a dead worker journaled; raises WireError on a malformed journal."""
+    (count,) = _HELD_COUNT.unpack_from(request, ring_capacity + _HELD_AT)
+    if count > MAX_BATCH:
+        raise WireError(f"a journal of {count} held replies (at most {MAX_BATCH})")
+    start = ring_capacity + _HEADERS_AT
+    return [decode(bytes(request[start + i * HEADER_SIZE : start + (i + 1) * HEADER_SIZE])) for i in range(count)]
 
 
 class MsgKind(enum.IntEnum):

@@ -25,9 +25,9 @@ One job, in order (the parent relies on each step's place):
 
 Headers arrive in batches when the parent stacks short jobs. A short job's reply header is
 then held while more jobs are queued here, and all held headers go out as one message when
-the queue runs dry, a batch fills, a job is about to start after a while, or a payload needs
-ring space the parent has yet to free (see REPLY_HOLD_SECONDS). A worker that dies holding
-some fails those jobs (the parent sees they were taken); it never re-runs them.
+the queue runs dry, a batch fills, they have waited HOLD_SECONDS (holding.py: before the next
+job starts, or from a flusher thread while it runs), or a payload needs ring space the parent
+has yet to free. A worker that dies holding some loses none: they are journaled (holding.py).
 """
 from __future__ import annotations
 
@@ -45,19 +45,16 @@ from typing import Any
 import posix_ipc
 
 from . import wire
-from .channel import Endpoint, Payload, recv_header, recv_headers
+from .channel import Endpoint, FdsDropped, Payload, out_of_fds, recv_header, recv_headers
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
 from .errors import PayloadTooLargeError, describe_error
+from .holding import HOLD_SECONDS, HeldReplies
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
 from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
-# A reply header is held back only after a job this short, and a held one goes out before
-# the next job starts once it has waited this long: the parent stacks jobs only while they
-# average under 2 ms (core.SHORT_JOB_SECONDS), so this is the delay it already accepts.
-REPLY_HOLD_SECONDS = 0.002
 _PLAIN = SubprocPickler()  # errors travel with plain pickle, whatever the pool's pickler is
 
 Error = tuple[str, str, Exception | None]  # (class name, traceback text, shmpool error to raise as is)
@@ -106,8 +103,7 @@ class Worker:
         self.max_payload: int | None = None
         self.memory_cap: int | None = None
         self._backlog: collections.deque[tuple[wire.Header, list[int]]] = collections.deque()
-        self._held: list[bytes] = []  # reply headers written but not yet sent
-        self._held_since = 0.0
+        self.held: HeldReplies | None = None  # reply headers written but not yet sent
         self._job_started = 0.0
         self._eof = False  # the parent closed its end (seen while looking ahead)
         self._unsettled: list[tuple[int, Segment]] = []  # answered UNSETTLED: (job id, segment still mapped)
@@ -140,6 +136,7 @@ class Worker:
         incoming.view(header.offset, header.length)  # account for INIT's region, then free it
         incoming.free()
         self.endpoint = Endpoint(self.sock, RingWriter(self.response, response_freed), incoming)
+        self.held = HeldReplies(self.endpoint, self.request.view, self.request_capacity)
         self.max_payload = boot["max_payload"]
         self.memory_cap = boot["memory_cap"]
         for key, value in boot["environ"].items():
@@ -178,11 +175,14 @@ class Worker:
         # Mark it taken before anything can go wrong with it: if we die from here on, the parent
         # fails this job; if we die before, it runs the job on another worker.
         assert self.request.view is not None
-        if self._held and time.monotonic() - self._held_since > REPLY_HOLD_SECONDS:
-            self._send_held()
+        assert self.held is not None
+        if self.held.overdue():
+            self.held.send()
         self._job_started = time.monotonic()
         wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
         try:
+            if fds is _FDS_DROPPED:
+                raise SharedMemoryError(f"worker pid {os.getpid()} could not receive the job's memfd: {out_of_fds()}")
             payload, in_place = self._open_job(header, fds)
         except SharedMemoryError as e:
             cant_map = _describe(e, "the job's arguments could not be mapped in the worker", SharedMemoryError(str(e)))
@@ -259,22 +259,20 @@ class Worker:
                 self._unsettled.append((job_id, unused))
             elif unused is not None:
                 unused.close()
+        held = self.held
+        assert held is not None
         hold = (
             placement.oneoff is None
             and not flags
             and self._more_queued()
-            and len(self._held) < wire.MAX_BATCH - 1
-            and time.monotonic() - self._job_started < REPLY_HOLD_SECONDS
+            and len(held) < wire.MAX_BATCH - 1
+            and time.monotonic() - self._job_started < HOLD_SECONDS
         )
-        if hold and not self._held:
-            self._held_since = time.monotonic()
         try:
-            self.endpoint.announce(kind, job_id, placement, flags, self._held)
+            held.announce(kind, job_id, placement, flags, hold)
         finally:
             if placement.oneoff is not None:
                 placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
-        if not hold:
-            self._send_held()
         self._settle()
         return flags
 
@@ -286,13 +284,14 @@ class Worker:
             job_id, segment = self._unsettled.pop(0)
             clean = segment.unmap()
             segment.close()  # kept views keep the mapping (not the fd) alive
-            self.endpoint.send_control(wire.MsgKind.SETTLED, job_id, flags=0 if clean else int(wire.Flag.KEPT))
+            assert self.held is not None
+            self.held.send_control(wire.MsgKind.SETTLED, job_id, flags=0 if clean else int(wire.Flag.KEPT))
 
     def _more_queued(self) -> bool:
         """Whether another job is waiting for us: in hand, or in the socket already."""
         if not self._backlog and not self._eof:
             try:
-                got = recv_headers(self.sock, block=False)
+                got = _recv(self.sock, block=False)
             except BlockingIOError:
                 return False
             if got is None:
@@ -309,14 +308,10 @@ class Worker:
         assert self.endpoint is not None
         placement = self.endpoint.stage(answer, lent=lent)
         if placement is None:
-            self._send_held()
+            assert self.held is not None
+            self.held.send()
             placement = self.endpoint.stage(answer, RESULT_SPACE_WAIT_STEP, self._parent_alive)
         return placement
-
-    def _send_held(self) -> None:
-        if self._held:
-            assert self.endpoint is not None
-            self.endpoint.send_batch(self._held)
 
     def _next(self) -> tuple[wire.Header, list[int]] | None:
         """The next header to act on; None when the parent is gone. Held replies go out
@@ -325,13 +320,15 @@ class Worker:
             if self._eof:
                 return None
             got = None
-            if self._held:
+            held = self.held
+            assert held is not None
+            if held:
                 try:
-                    got = recv_headers(self.sock, block=False)
+                    got = _recv(self.sock, block=False)
                 except BlockingIOError:
-                    self._send_held()  # nothing more queued: the parent hears of them now
-            if got is None and not self._held:
-                got = recv_headers(self.sock)
+                    held.send()  # nothing more queued: the parent hears of them now
+            if got is None and not held:
+                got = _recv(self.sock)
             elif got is None:
                 return self._next()
             if got is None:
@@ -356,7 +353,21 @@ class Worker:
                 if self._run_job(header, fds) & wire.Flag.RECYCLE:
                     return
         finally:
-            self._send_held()
+            if self.held is not None:
+                self.held.send()
+
+
+# The fds of a job whose memfd the kernel dropped (channel.FdsDropped): none, known by identity.
+_FDS_DROPPED: list[int] = []
+
+
+def _recv(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.Header], list[int]] | None:
+    """``recv_headers``, with a job whose memfd we could not take (our fd limit: a job closed
+    fewer fds than it opened, or lowered the limit) kept as a job that fails (_run_job)."""
+    try:
+        return recv_headers(sock, block=block)
+    except FdsDropped as e:
+        return [e.header], _FDS_DROPPED
 
 
 def _take_back(request: Payload, *, settle_later: bool = False) -> tuple[int, Segment | None]:
