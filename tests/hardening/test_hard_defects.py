@@ -145,15 +145,16 @@ def test_d2_keyboard_interrupt_from_a_signal_during_the_copy(make_pool, kind):
     """Defect 2, with real signals instead of a patch.  A separate process sends this one SIGUSR1 every
     0.3 ms (a separate process: a thread of ours would need the GIL, which the copy holds) while the main
     thread submits 300 KB arrays one at a time to a 1-worker pool on a 1 MiB ring (less than half the
-    ring, so defect 1 stays out of the way).  The handler raises KeyboardInterrupt only when the main
-    thread is inside shmpool's copy into the ring (Parts.write_into), i.e. after part of the payload is
-    copied.  After 5 such interrupts the signals stop: every future submit() returned must resolve, and
-    the worker must go on taking jobs."""
-    from shmpool import codec
+    ring, so defect 1 stays out of the way).  The handler raises KeyboardInterrupt whenever it runs inside
+    ``submit_job``: shmpool holds Python signal handlers back across the copy, the noting of the job and
+    the sending of its header (interrupts.py), so it runs, and raises, right after them or before them.
+    After 5 such interrupts the signals stop: every future submit() returned must resolve, and the worker
+    must go on taking jobs."""
+    from shmpool import pool as pool_module
 
     pool = make_pool(1, kind=kind, ring_size=RING)
     result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
-    copy_code = codec.Parts.write_into.__code__
+    submit_code = pool_module.SubprocPool.submit_job.__code__
     arrays = [_array(300 * KiB, s) for s in range(4)]
     hits = [0]
     armed = [True]
@@ -161,9 +162,9 @@ def test_d2_keyboard_interrupt_from_a_signal_during_the_copy(make_pool, kind):
     def interrupt_the_copy(signum, frame):
         f = frame
         while armed[0] and f is not None:
-            if f.f_code is copy_code:
+            if f.f_code is submit_code:
                 hits[0] += 1
-                raise KeyboardInterrupt("interrupted inside Parts.write_into (test)")
+                raise KeyboardInterrupt("interrupted inside submit_job (test)")
             f = f.f_back
 
     returned = []
@@ -196,7 +197,7 @@ def test_d2_keyboard_interrupt_from_a_signal_during_the_copy(make_pool, kind):
         time.sleep(0.05)  # a signal still in flight meets the disarmed handler, not the default (exit)
         signal.signal(signal.SIGUSR1, old)
     if hits[0] == 0:
-        pytest.skip("no signal landed inside the copy in 6 s (machine too loaded); nothing tested")
+        pytest.skip("no signal landed inside submit() in 6 s (machine too loaded); nothing tested")
     outcomes = assert_all_resolve([f for f, _ in returned], HANG_DEADLINE, "returned future")
     wrong = [i for i, ((_, want), got) in enumerate(zip(returned, outcomes)) if got != ("ok", want)]
     assert not wrong, f"jobs with a wrong outcome after {hits[0]} interrupted copies: {wrong[:10]}"
