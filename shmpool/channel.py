@@ -127,7 +127,13 @@ def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.
     try:
         data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else socket.MSG_DONTWAIT)
     except ConnectionResetError:
-        return None  # the peer closed with messages of ours unread: gone all the same
+        # The peer closed with messages of ours unread. Linux says so once, ahead of what the peer
+        # sent before it went (a reply to a job that finished just before its worker crashed):
+        # read on until the socket is empty; only then is it EOF.
+        try:
+            data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, ConnectionResetError):
+            return None
     fds: list[int] = []
     for level, kind, cdata in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -434,6 +434,16 @@ def limit_address_space(headroom):
     resource.setrlimit(resource.RLIMIT_AS, (vm + headroom, resource.RLIM_INFINITY))
 
 
+def use_up_fds():
+    """Lower this worker's fd limit to its lowest free fd: the next fd it is sent is dropped."""
+    import resource
+
+    lowest = os.dup(0)
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return os.getpid()
+
+
 def fail_after_first_start(counter_path, how):
     """Initializer: the first worker start (by a counter file under an fcntl lock) succeeds, every
     later one fails: "raise" raises JobBoom, "exit" calls os._exit(3)."""
@@ -481,3 +491,51 @@ def start_gil_spinner(switch_interval):
     sys.setswitchinterval(switch_interval)
     threading.Thread(target=_spin, name="gil-spinner", daemon=True).start()
     return os.getpid()
+
+
+# --- round 3 regression jobs (tests/hardening/test_hard_round3.py) --------------------------------------
+def wait_for_file(path, seconds, value, started=None, at_least=0.0):
+    """A gate: announce it runs (creates `started`, if given), block until `path` exists (bounded by
+    `seconds`) and `at_least` seconds have passed since it started, then return `value`."""
+    t0 = time.monotonic()
+    if started:
+        open(started, "w").close()
+    end = t0 + seconds
+    while not os.path.exists(path) and time.monotonic() < end:
+        time.sleep(0.005)
+    left = t0 + at_least - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    return value
+
+
+def full_array(n, v):
+    """An n-byte uint8 numpy array of value v (a result the parent unpickles)."""
+    import numpy as np
+
+    return np.full(n, v, dtype=np.uint8)
+
+
+def _raise_system_exit_on_load():
+    raise SystemExit("raised while the parent unpickles the result (test)")
+
+
+def _raise_keyboard_interrupt_on_load():
+    raise KeyboardInterrupt("raised while the parent unpickles the result (test)")
+
+
+class BaseExceptionOnLoad:
+    """A result that pickles fine in the worker; unpickling it (in the parent) raises SystemExit
+    ("exit") or KeyboardInterrupt ("kbi"), BaseExceptions that are not Exceptions."""
+
+    def __init__(self, which):
+        self.which = which
+
+    def __reduce__(self):
+        if self.which == "exit":
+            return (_raise_system_exit_on_load, ())
+        return (_raise_keyboard_interrupt_on_load, ())
+
+
+def return_base_exception_on_load(which):
+    return BaseExceptionOnLoad(which)

@@ -639,6 +639,23 @@ def test_d9_worker_that_cannot_map_an_argument_fails_that_job_only(shmpool_mod, 
         "the worker that could not map an argument was replaced"
 
 
+def test_d9_worker_out_of_fds_fails_that_job_only(shmpool_mod, make_pool, kind):
+    """Defect 9, fds: a worker at its fd limit (a job lowered it) is sent a job in a one-off segment;
+    the kernel drops the memfd. That job alone fails with SharedMemoryError naming the limit and the
+    fix, and the same worker serves the next job. (Before: a WireError killed the worker.)"""
+    sp = shmpool_mod
+    pool = make_pool(1, kind=kind, ring_size=RING)
+    pid = result_within(pool.submit(jobs.use_up_fds), JOB_DEADLINE, "the job that uses up the worker's fds")
+    fut = pool.submit(jobs.len_and_sleep, bytes(3 * RING), 0)
+    exc = exception_within(fut, HANG_DEADLINE, "the job whose memfd the worker cannot receive")
+    assert exc is not None, f"the worker received the memfd after all: {fut.result(timeout=0)!r}"
+    assert type(exc) is sp.SharedMemoryError, error_text(exc)
+    assert "file descriptors" in str(exc) and "ulimit -n" in str(exc), str(exc)
+    assert result_within(pool.submit(jobs.getpid), HANG_DEADLINE, "the next job") == pid, \
+        "the worker that could not receive a memfd was replaced"
+    assert pool.stats().workers_died == 0
+
+
 # --- defect 10: a stale semaphore of another user breaks SubprocPool() for everyone ------------------
 
 
