@@ -103,8 +103,14 @@ class PoolCore:
             return
         with self.lock:
             todo, self._to_settle = self._to_settle, []
+        escaped: BaseException | None = None
         for future, value, exc in todo:
-            settle(future, value, exc)
+            try:
+                settle(future, value, exc)
+            except BaseException as e:  # a main-thread callback's Ctrl-C or exit (futures.py): after the rest
+                escaped = escaped or e
+        if escaped is not None:
+            raise escaped
 
     def stats(self) -> PoolStats:
         with self.lock:
