@@ -351,6 +351,20 @@ def test_r3_3_done_callback_sys_exit_costs_only_itself(make_pool, kind, tmp_path
     make_pool.note(pool)
 
 
+def test_r3_3_main_thread_callback_exit_is_raised_after_every_future_settles(make_pool, kind):
+    """R3-3, main thread: shutdown() from the main thread fails the queued jobs there, so their
+    done-callbacks run in it. One raising SystemExit is the caller's own: shutdown() raises it, but
+    only after every other queued future has been resolved (wait() sees them all done)."""
+    pool = make_pool(1, kind=kind)
+    busy = pool.submit(jobs.sleep_return, 1.0, "busy")
+    queued = [pool.submit(jobs.add, i, 1) for i in range(5)]
+    queued[1].add_done_callback(lambda f: sys.exit("the caller's own exit"))
+    with pytest.raises(SystemExit):
+        pool.shutdown()
+    done, not_done = cf.wait(queued + [busy], timeout=HANG_DEADLINE)
+    assert not not_done, f"{len(not_done)} futures left unresolved after a callback's SystemExit"
+
+
 # --- R3-4: the parent's unpickling of a result raises a BaseException ---------------------------------
 @pytest.mark.parametrize("which", ["exit", "kbi"])
 def test_r3_4_result_unpickling_base_exception_fails_that_job_only(make_pool, kind, which):
