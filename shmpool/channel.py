@@ -175,11 +175,27 @@ def recv_header(sock: socket.socket) -> tuple[wire.Header, list[int]] | None:
     return headers[0], fds
 
 
-def new_segment(size: int, spares: SpareSegments | None, label: str) -> Segment:
-    """A segment for a payload of ``size`` bytes: a warm spare if there is one."""
+def new_segment(size: int, spares: SpareSegments | None, label: str, *, mapped: bool = True) -> Segment:
+    """A segment for a payload of ``size`` bytes: a warm spare if there is one (mapped), else a
+    fresh one, mapped only if ``mapped`` (else for ``fill``)."""
     if spares is not None:
-        return spares.create(size, label)
-    return Segment.create(size, reserve=True, label=label)
+        return spares.create(size, label, mapped=mapped)
+    return Segment.create(size, reserve=mapped, label=label, mapped=mapped)
+
+
+def fill(payload: Parts | Frozen, segment: Segment, spares: SpareSegments | None) -> None:
+    """Write ``payload`` into a one-off ``segment``: a copy into its mapping when it has one (a
+    warm spare), else through the file (fresh pages, see ``Segment.write_at``); if memory runs
+    out there, the spares are given back and the write tried once more."""
+    if segment.view is not None:
+        payload.write_into(segment.view[: payload.size])
+        return
+    try:
+        payload.write_to(segment)
+    except SharedMemoryError:
+        if spares is None or not spares.clear():
+            raise
+        payload.write_to(segment)
 
 
 def freeze(parts: Parts | Frozen, stage_bytes: int, spares: SpareSegments | None = None) -> Frozen:
@@ -243,10 +259,9 @@ class Endpoint:
                 except SharedMemoryError:
                     lent.close()
                     lent = None
-            segment = lent if lent is not None else new_segment(size, self.spares, "shmpool-oneoff")
+            segment = lent if lent is not None else new_segment(size, self.spares, "shmpool-oneoff", mapped=False)
             try:
-                assert segment.view is not None
-                payload.write_into(segment.view[:size])
+                fill(payload, segment, self.spares)
             except BaseException:
                 segment.close()
                 raise

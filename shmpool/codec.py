@@ -32,6 +32,7 @@ _ALIGN = 64
 # less than mapping them.
 IN_PLACE_MIN_BYTES = 64 << 10
 MAX_BUFFERS = 1 << 16  # far beyond any real object graph; bounds the table a peer can claim
+_OWN_WRITE_BYTES = 1 << 20  # Parts.write_to: a piece this big gets a write of its own
 
 
 class CodecError(ValueError):
@@ -83,17 +84,43 @@ class Parts:
 
     def write_into(self, dst: memoryview) -> None:
         """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
-        _TABLE.pack_into(dst, 0, self.stream_len, len(self.buffers), 0)
-        pos = _TABLE.size
-        for off, buf in zip(self.offsets, self.buffers):
-            _ENTRY.pack_into(dst, pos, off, buf.nbytes)
-            pos += _ENTRY.size
+        table = self._table()
+        dst[: len(table)] = table
+        pos = len(table)
         for chunk in self.chunks:
             n = len(chunk)  # bytes or bytearray: its length is its size
             dst[pos : pos + n] = chunk
             pos += n
         for off, buf in zip(self.offsets, self.buffers):
             dst[off : off + buf.nbytes] = buf
+
+    def write_to(self, segment: Any) -> None:
+        """``write_into`` for an unmapped segment (``shm.Segment.write_at``): the same one copy.
+        The pickle stream's frames are joined first (a few MiB at most beside the big pieces,
+        which go one write each)."""
+        small: list[Any] = [self._table()]
+        pos = 0
+        for chunk in self.chunks:
+            if len(chunk) >= _OWN_WRITE_BYTES:
+                segment.write_at(pos, b"".join(small))
+                pos += sum(map(len, small))
+                small = []
+                segment.write_at(pos, chunk)
+                pos += len(chunk)
+            else:
+                small.append(chunk)
+        segment.write_at(pos, b"".join(small))
+        for off, buf in zip(self.offsets, self.buffers):
+            segment.write_at(off, buf)
+
+    def _table(self) -> bytearray:
+        table = bytearray(_TABLE.size + _ENTRY.size * len(self.buffers))
+        _TABLE.pack_into(table, 0, self.stream_len, len(self.buffers), 0)
+        pos = _TABLE.size
+        for off, buf in zip(self.offsets, self.buffers):
+            _ENTRY.pack_into(table, pos, off, buf.nbytes)
+            pos += _ENTRY.size
+        return table
 
     def release(self) -> None:
         """Drop the references to the caller's objects once they are in shared memory."""
@@ -116,6 +143,9 @@ class Frozen:
 
     def write_into(self, dst: memoryview) -> None:
         dst[: self.size] = self.region
+
+    def write_to(self, segment: Any) -> None:
+        segment.write_at(0, self.region)
 
     def release(self) -> None:
         self.region = memoryview(b"")

@@ -332,6 +332,7 @@ class PoolCore:
             job.placement = None
             if placement.oneoff is not None:
                 segment = placement.oneoff
+                segment.ensure(placement.size)  # written through the file: map it to read it back
                 assert segment.view is not None
                 region = segment.view[: placement.size]
                 job.payload = Frozen(region, oob_bytes_of(region), segment)

@@ -21,6 +21,8 @@ import os
 import resource
 import secrets
 
+from typing import Any
+
 import posix_ipc
 
 NAME_PREFIX = "shmp."  # everything of ours in /dev/shm is "sem.shmp.*"
@@ -61,10 +63,14 @@ class Segment:
     _map: mmap.mmap | None = None
     view: memoryview | None = None
 
-    def __init__(self, fd: int, size: int, *, populate: bool = False) -> None:
-        """Map ``fd``, taking ownership of it: on failure the fd is closed here, exactly once,
-        so a caller never closes it again (a second close could hit another thread's file)."""
+    def __init__(self, fd: int, size: int, *, populate: bool = False, mapped: bool = True) -> None:
+        """Map ``fd`` (unless not ``mapped``: ``ensure`` maps it later), taking ownership of it:
+        on failure the fd is closed here, exactly once, so a caller never closes it again (a
+        second close could hit another thread's file)."""
         self.fd = fd
+        self.size = size
+        if not mapped:
+            return
         try:
             self._map_first(size, populate)
         except BaseException:
@@ -82,9 +88,10 @@ class Segment:
             raise SharedMemoryError(_map_failure(size, e)) from e
 
     @classmethod
-    def create(cls, size: int, *, reserve: bool = False, label: str = "shmpool") -> "Segment":
+    def create(cls, size: int, *, reserve: bool = False, label: str = "shmpool", mapped: bool = True) -> "Segment":
         """A new memfd of ``size`` bytes. ``reserve`` allocates every page now, so running out of
-        memory is a clear error here instead of a SIGBUS on first touch."""
+        memory is a clear error here instead of a SIGBUS on first touch. Not ``mapped``: for a
+        payload written through ``write_at`` (which allocates each page as it fills it)."""
         try:
             fd = os.memfd_create(label, os.MFD_CLOEXEC)
         except OSError as e:
@@ -101,7 +108,23 @@ class Segment:
                     f"MemAvailable is {mem_available():,} bytes: free memory or lower the payload"
                 ) from e
             raise
-        return cls(fd, size, populate=reserve)  # owns fd from here on
+        return cls(fd, size, populate=reserve, mapped=mapped)  # owns fd from here on
+
+    def write_at(self, offset: int, data: Any) -> None:
+        """Write ``data`` (any buffer) at ``offset`` through the file, not a mapping: into fresh
+        pages this is about twice as fast as a mapping would be (the kernel fills each page as it
+        allocates it instead of zeroing it on the first fault, then copying), and running out of
+        memory is a clear error here, never a SIGBUS."""
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < view.nbytes:
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as e:
+            raise SharedMemoryError(
+                f"could not write {view.nbytes:,} bytes into shared memory ({e.strerror}); "
+                f"MemAvailable is {mem_available():,} bytes: free memory or lower the payload"
+            ) from e
 
     @classmethod
     def attach(cls, fd: int, *, populate: bool = False, length: int | None = None) -> "Segment":

@@ -53,10 +53,11 @@ class SpareSegments:
         with self._lock:
             return self._last_used + IDLE_SECONDS if self._kept else None
 
-    def create(self, size: int, label: str) -> Segment:
-        """A mapped segment of at least ``size`` bytes with every page allocated: a kept one
-        when one fits (grown if need be), else a new one. Raises SharedMemoryError when none
-        can be had even after giving every kept one back."""
+    def create(self, size: int, label: str, *, mapped: bool = True) -> Segment:
+        """A segment of at least ``size`` bytes: a kept one when one fits (grown if need be,
+        mapped, its pages warm), else a new one, with every page allocated and mapped if
+        ``mapped``, else neither (to be filled through the file: ``channel.fill``). Raises
+        SharedMemoryError when none can be had even after giving every kept one back."""
         segment = self._take(size)
         if segment is not None:
             try:
@@ -65,11 +66,11 @@ class SpareSegments:
             except SharedMemoryError:
                 segment.close()
         try:
-            return Segment.create(size, reserve=True, label=label)
+            return Segment.create(size, reserve=mapped, label=label, mapped=mapped)
         except SharedMemoryError:
             if not self.clear():
                 raise
-        return Segment.create(size, reserve=True, label=label)
+        return Segment.create(size, reserve=mapped, label=label, mapped=mapped)
 
     def _take(self, size: int) -> Segment | None:
         with self._lock:
