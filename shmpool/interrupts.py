@@ -7,8 +7,8 @@ forgot. Only Python-level signal handlers can raise there: ``KeyboardInterrupt``
 a SIGTERM handler calling ``sys.exit``, a SIGALRM timeout. Python runs them in the main thread
 only, between bytecodes, whichever thread the signal hit. So, in the main thread, every signal
 with a Python handler gets a handler that only notes it for the block's duration; afterwards
-the real handlers are put back and each noted signal is raised again, so its handler runs (and
-may raise) right after the steps, as if the signal had come a moment later.
+the real handlers are put back and the noted signals are raised again, so their handlers run
+(and may raise) right after the steps, as if the signals had come a moment later.
 """
 from __future__ import annotations
 
@@ -63,5 +63,16 @@ class deferred_signals:
         if not self._swapped:
             return
         self._restore()
-        for signum in self._caught:
-            signal.raise_signal(signum)  # its own handler runs now, and may raise
+        if not self._caught:
+            return
+        # Make the noted signals pending again, all of them, and let them in at once: CPython
+        # then runs their handlers by its own rules (one that raises leaves the others pending
+        # for its next check, none is lost). Thread-directed, so no other thread takes them.
+        caught = set(self._caught)
+        me = threading.get_ident()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+        try:
+            for signum in caught:
+                signal.pthread_kill(me, signum)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
