@@ -60,6 +60,30 @@ class PoolStats:
     workers_died: int = 0
 
 
+class _LockHeldSafely:
+    """``with core.guarded():``: the pool's lock, taken by a caller's thread with Python signal
+    handlers held back until it is released, so a handler that calls into the pool (a SIGTERM
+    handler calling ``shutdown()``) never waits for a lock its own thread holds. One per use."""
+
+    __slots__ = ("_lock", "_signals")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._signals = deferred_signals()
+
+    def __enter__(self) -> None:
+        self._signals.__enter__()
+        try:
+            self._lock.acquire()
+        except BaseException:
+            self._signals.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+        self._signals.__exit__(*exc)
+
+
 class PoolCore:
     def __init__(
         self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException], spare_limit: int | None = None
@@ -97,11 +121,15 @@ class PoolCore:
         elif job.future.cancelled():
             (self._to_settle if into is None else into).append((job.future, None, None))
 
+    def guarded(self) -> _LockHeldSafely:
+        """``lock``, for a caller's thread (see _LockHeldSafely); the dispatcher takes ``lock``."""
+        return _LockHeldSafely(self.lock)
+
     def flush(self) -> None:
         """Resolve queued futures. Call without ``lock``: done-callbacks may call back in."""
         if not self._to_settle:
             return
-        with self.lock:
+        with self.guarded():
             todo, self._to_settle = self._to_settle, []
         escaped: BaseException | None = None
         for future, value, exc in todo:
@@ -113,7 +141,7 @@ class PoolCore:
             raise escaped
 
     def stats(self) -> PoolStats:
-        with self.lock:
+        with self.guarded():
             counts = dict(self.counts)
         spares = self.spares
         counts["warm_segments"] += spares.reused
@@ -304,7 +332,7 @@ class PoolCore:
         snapshot = freeze(payload, STAGE_BYTES, self.spares)
         # The copy made now: the sender's one write for a staged segment (sent as it is), an
         # extra one for a small snapshot (written into the ring later).
-        with self.lock:
+        with self.guarded():
             self.counts["copied_to_workers"] += payload.size
         payload.release()
         return snapshot

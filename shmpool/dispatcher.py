@@ -55,6 +55,9 @@ TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL at shutdown
 EOF_GRACE = 1.0  # seconds a worker that closed its socket may linger before we SIGKILL it
 QUIT_KILL_AFTER = 10.0  # seconds an idle worker told to QUIT (quiesce, recycle) may take to exit
 STATUS_WAIT = 1.0  # seconds to wait for a FORK worker's exit status from the helper after its exit
+# A job with others queued behind it that has run this long is one whose reply its worker may hold
+# while a long C call in the next job starves the flusher: read its journal (_peek_held).
+HELD_PEEK_SECONDS = 0.02
 MAX_START_FAILURES = 3  # starts failing in a row before the queue is failed (if no worker is live)
 START_RETRY_DELAY = 0.5  # seconds before trying again to start a worker that could not be started
 START_BACKOFF_MAX = 30.0
@@ -145,10 +148,11 @@ class Dispatcher:
                 if not self._chores:
                     continue
                 self._chores = False
+                now = time.monotonic()
+                self._peek_held(now)  # outside the lock: it reads replies
                 with core.lock:
                     if core.closing:
                         break
-                    now = time.monotonic()
                     self._expire(now)
                     self._top_up(now)
                     core.place_pending(now, send_later=True)
@@ -168,6 +172,8 @@ class Dispatcher:
             for w in core.workers.values():
                 if w.inflight and w.inflight[0].deadline is not None:
                     deadlines.append(w.inflight[0].deadline)
+                if len(w.inflight) >= 2 and w.peeked != w.inflight[0].job_id:
+                    deadlines.append(w.inflight[0].head_since + HELD_PEEK_SECONDS)
                 if w.kill_at is not None and (w.pidfd >= 0 or w.proc is not None):
                     deadlines.append(w.kill_at)  # (a FORK worker not reported yet: FORKED wakes us)
                 if w.status_by is not None:
@@ -375,6 +381,9 @@ class Dispatcher:
         replies: list[tuple[wire.Header, list[int]]] = []
         for i, header in enumerate(headers):
             its_fds = fds if i == 0 else []
+            if w.delivered_early and header.job_id in w.delivered_early:
+                w.delivered_early.discard(header.job_id)  # read from its journal already (_peek_held)
+                continue
             if header.kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR) and not (
                 header.job_id == wire.SETUP_JOB_ID and w.state is WorkerState.STARTING
             ):
@@ -607,23 +616,53 @@ class Dispatcher:
         self._chores = True
 
     def _recover_held(self, w: Worker) -> None:
-        """Replies the dead ``w`` wrote but held back (holding.py): read them as if sent. Only
-        ones to its next jobs, in order; any it sent before dying were read from its socket."""
+        """Replies the dead ``w`` wrote but held back (holding.py): read them as if sent."""
+        self._deliver_held(w, alive=False)
+
+    def _peek_held(self, now: float) -> None:
+        """A job that has run past HELD_PEEK_SECONDS (or its timeout) with jobs queued behind it
+        may be one whose reply the worker holds back while it runs the next, whose long C call
+        keeps the worker's flusher thread from sending it: read those replies from the journal
+        now, once per such job, so they are not late and the job running is the one timed."""
+        core = self.core
+        with core.lock:
+            due = []
+            for w in core.workers.values():
+                if len(w.inflight) < 2 or not w.socket_open:
+                    continue
+                head = w.inflight[0]
+                late = w.peeked != head.job_id and now >= head.head_since + HELD_PEEK_SECONDS
+                if late or (head.deadline is not None and now >= head.deadline):
+                    w.peeked = head.job_id
+                    due.append(w)
+        for w in due:
+            self._deliver_held(w, alive=True)
+
+    def _deliver_held(self, w: Worker, *, alive: bool) -> None:
+        """Read the replies in ``w``'s journal that answer its next jobs, in order. A live worker
+        still sends their headers later: those are skipped (``w.delivered_early``)."""
         ring = w.endpoint.outgoing
         assert ring.segment.view is not None
         try:
-            headers = wire.read_held(ring.segment.view, ring.capacity)
+            headers = wire.read_held(ring.segment.view, ring.capacity, alive=alive)
         except wire.WireError as e:
-            log.warning("shmpool worker pid %s left a malformed journal (%s); its held replies are lost", w.pid, e)
+            headers = None
+            log.warning("shmpool worker pid %s left a malformed journal (%s)", w.pid, e)
+        if not headers:
             return
-        inflight = [job.job_id for job in w.inflight]
+        with self.core.lock:
+            inflight = [job.job_id for job in w.inflight]
         answered = [h for h in headers if h.kind in (wire.MsgKind.RESULT, wire.MsgKind.ERROR) and h.job_id in inflight]
         if not answered or [h.job_id for h in answered] != inflight[: len(answered)]:
             return
         try:
             self._on_headers(w, answered, [])
         except Exception as e:  # its journal is no more trusted than its socket
-            log.warning("shmpool worker pid %s journaled a bad reply (%s)", w.pid, e)
+            if alive:
+                self._protocol_error(w, f"journaled reply: {e}")
+            return
+        if alive:
+            w.delivered_early.update(h.job_id for h in answered)
 
     def _finish(self, w: Worker) -> None:
         """Under lock: ``w`` is gone. Fail the job it was running, put back the jobs it never

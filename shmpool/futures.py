@@ -21,8 +21,34 @@ log = logging.getLogger("concurrent.futures")  # where Future logs a failing cal
 
 
 class JobFuture(Future):
+    """``delivered_by``: the thread that resolves the pool's futures (and so runs most of their
+    callbacks). Waiting in it for a future it has yet to resolve could never end: ``result()``
+    and ``exception()`` raise RuntimeError there instead of hanging the pool."""
+
+    def __init__(self, delivered_by: threading.Thread | None = None) -> None:
+        super().__init__()
+        self._delivered_by = delivered_by
+
     def add_done_callback(self, fn: Callable[[Future], object]) -> None:
         super().add_done_callback(_Guarded(fn))
+
+    def result(self, timeout: float | None = None) -> Any:
+        if self._delivered_by is not None and not self.done():
+            self._refuse_to_wait_on_myself()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if self._delivered_by is not None and not self.done():
+            self._refuse_to_wait_on_myself()
+        return super().exception(timeout)
+
+    def _refuse_to_wait_on_myself(self) -> None:
+        if threading.current_thread() is self._delivered_by:
+            raise RuntimeError(
+                "a done-callback waits for another job of the same pool: callbacks run on the pool's "
+                "dispatcher thread, which is the one that delivers results, so this wait could never "
+                "end; chain the next step with add_done_callback, or wait in another thread"
+            )
 
 
 class _Guarded:

@@ -12,6 +12,7 @@ the real handlers are put back and the noted signals are raised again, so their 
 """
 from __future__ import annotations
 
+import ctypes
 import signal
 import threading
 
@@ -23,6 +24,11 @@ try:
 except ImportError:  # pragma: no cover - another implementation
     _getsignal, _setsignal = signal.getsignal, signal.signal
 
+try:
+    _raise = ctypes.PyDLL(None)["raise"]  # PyDLL: the GIL stays held, no signal check after
+    _raise.argtypes = (ctypes.c_int,)
+except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
+    _raise = signal.raise_signal
 _MAIN_THREAD_ID = threading.main_thread().ident
 # Every signal a Python handler can be set for (SIGKILL and SIGSTOP cannot be caught).
 _CATCHABLE = tuple(int(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
@@ -63,16 +69,16 @@ class deferred_signals:
         if not self._swapped:
             return
         self._restore()
-        if not self._caught:
-            return
-        # Make the noted signals pending again, all of them, and let them in at once: CPython
-        # then runs their handlers by its own rules (one that raises leaves the others pending
-        # for its next check, none is lost). Thread-directed, so no other thread takes them.
-        caught = set(self._caught)
-        me = threading.get_ident()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, caught)
+        _raise_each(list(dict.fromkeys(self._caught)))
+
+
+def _raise_each(signals: list[int], i: int = 0) -> None:
+    """Raise ``signals`` again, to this thread, through libc with the GIL held: each only marks
+    its handler due (Python's own signal functions would run it at once, nested in whatever
+    called into the pool), and CPython runs it at its next check between bytecodes. Each next
+    one is raised in a ``finally``: a handler that raises costs the others nothing."""
+    if i < len(signals):
         try:
-            for signum in caught:
-                signal.pthread_kill(me, signum)
+            _raise(signals[i])
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _raise_each(signals, i + 1)

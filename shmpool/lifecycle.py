@@ -96,7 +96,7 @@ class Worker:
     __slots__ = (
         "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
-        "settling",
+        "settling", "peeked", "delivered_early",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
@@ -124,6 +124,10 @@ class Worker:
         # SETTLED message (wire.py); they go to the spares then, or are closed when it is gone.
         # Changed by the dispatcher only, under the lock (placement prefers workers without any).
         self.settling: dict[int, Segment] = {}
+        # Held replies read from its journal while it lives (dispatcher._peek_held), by job id:
+        # their headers, when it sends them, are skipped. And the job last peeked for. Dispatcher only.
+        self.delivered_early: set[int] = set()
+        self.peeked = -1
 
     def close_settling(self) -> None:
         """It is gone (or going): nobody will settle its segments; close them."""

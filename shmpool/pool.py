@@ -215,7 +215,7 @@ class SubprocPool:
         self._check_usable()
         parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
         job_timeout = timeout if timeout is not None else self._job_timeout
-        job = Job(next(self._job_ids), JobFuture(), parts, job_timeout, describe_job(job_fn))
+        job = Job(next(self._job_ids), JobFuture(self._dispatcher.thread), parts, job_timeout, describe_job(job_fn))
         core = self._core
         with deferred_signals():  # placed and announced (or queued) together, or not at all
             done, was_quiesced = self._place_at_once(job)
@@ -283,7 +283,7 @@ class SubprocPool:
         """Stop the workers to give their memory back; the next job or ``wakeup()`` restarts them."""
         if self._forked:
             return
-        with self._core.lock:
+        with self._core.guarded():
             if not self._core.pending:
                 self._core.quiesced = True
             self._dispatcher.wake()
@@ -292,7 +292,7 @@ class SubprocPool:
         """Start the workers now (after a quiesce), so the next job does not wait for them."""
         if self._forked:
             return
-        with self._core.lock:
+        with self._core.guarded():
             self._core.quiesced = False
             self._dispatcher.reset_start_failures()
             self._dispatcher.wake()
@@ -303,7 +303,7 @@ class SubprocPool:
         if self._forked:
             return  # the parent's pool: not ours to stop
         core = self._core
-        with core.lock:
+        with core.guarded():
             first = not core.closing
             core.closing = True
             pending = list(core.pending)
@@ -327,7 +327,7 @@ class SubprocPool:
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (FORK: their pids as the fork helper reported them)."""
-        with self._core.lock:
+        with self._core.guarded():
             return [w.pid for w in self._core.workers.values() if w.pid is not None and w.live]
 
     def helper_pids(self) -> list[int]:

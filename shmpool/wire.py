@@ -49,15 +49,17 @@ SETUP_JOB_ID = 0
 #  - at offset 0, the id of each job the worker takes off the socket, stored before it touches the
 #    payload: it tells a job that started (fail it: it may be what killed the worker) from one the
 #    worker never read (run it elsewhere);
-#  - at offset 8, the journal of reply headers the worker holds back (worker.py): their count, then
-#    the headers, each written before the count that covers it; the count goes back to 0 once they
-#    are sent. A worker that dies holding replies to finished jobs loses none of them: their results
-#    are in the response ring, and the parent reads them from there.
+#  - at offset 8, the journal of reply headers the worker holds back (holding.py): a sequence number,
+#    odd while the worker rewrites the journal, then their count and the headers; the count goes
+#    back to 0 once they are sent. A worker that dies holding replies to finished jobs loses none of
+#    them: their results are in the response ring, and the parent reads them from there. The parent
+#    also reads a live worker's journal (sequence unchanged and even around the read), when a job
+#    behind held replies runs long without letting the worker's flusher thread send them.
 CONTROL_BYTES = 1024
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
-_HELD_COUNT = struct.Struct("<Q")
-_HELD_AT = 8
-_HEADERS_AT = 16
+_JOURNAL = struct.Struct("<QQ")  # sequence, count
+_JOURNAL_AT = 8
+_HEADERS_AT = 24
 
 
 def request_segment_size(ring_capacity: int) -> int:
@@ -80,20 +82,35 @@ def mark_taken(request: memoryview, ring_capacity: int, job_id: int) -> None:
 
 
 def journal_held(request: memoryview, ring_capacity: int, headers: list[bytes]) -> None:
-    """Record the reply headers held now (at most MAX_BATCH): headers first, then their count."""
+    """Record the reply headers held now (at most MAX_BATCH), the sequence odd meanwhile."""
+    at = ring_capacity + _JOURNAL_AT
+    seq, count = _JOURNAL.unpack_from(request, at)
+    _JOURNAL.pack_into(request, at, seq + 1, count)
     start = ring_capacity + _HEADERS_AT
     data = b"".join(headers)
     request[start : start + len(data)] = data
-    _HELD_COUNT.pack_into(request, ring_capacity + _HELD_AT, len(headers))
+    _JOURNAL.pack_into(request, at, seq + 2, len(headers))
 
 
-def read_held(request: memoryview, ring_capacity: int) -> list[Header]:
-    """The held reply headers a dead worker journaled; raises WireError on a malformed journal."""
-    (count,) = _HELD_COUNT.unpack_from(request, ring_capacity + _HELD_AT)
+def read_held(request: memoryview, ring_capacity: int, *, alive: bool) -> list[Header] | None:
+    """The held reply headers a worker journaled; for an ``alive`` one, None when no steady copy
+    could be read (it kept rewriting the journal). A dead one's is read as it is: the worker
+    rewrites the headers it already had with the same bytes, so the count it left covers whole
+    ones. Raises WireError on a malformed journal."""
+    at = ring_capacity + _JOURNAL_AT
+    start = ring_capacity + _HEADERS_AT
+    for _ in range(8):
+        seq, count = _JOURNAL.unpack_from(request, at)
+        if (alive and seq % 2) or count > MAX_BATCH:
+            continue
+        data = bytes(request[start : start + count * HEADER_SIZE])
+        if _JOURNAL.unpack_from(request, at)[0] != seq:
+            continue
+        return [decode(data[i : i + HEADER_SIZE]) for i in range(0, len(data), HEADER_SIZE)]
+    seq, count = _JOURNAL.unpack_from(request, at)
     if count > MAX_BATCH:
         raise WireError(f"a journal of {count} held replies (at most {MAX_BATCH})")
-    start = ring_capacity + _HEADERS_AT
-    return [decode(bytes(request[start + i * HEADER_SIZE : start + (i + 1) * HEADER_SIZE])) for i in range(count)]
+    return None
 
 
 class MsgKind(enum.IntEnum):

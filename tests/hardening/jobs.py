@@ -539,3 +539,12 @@ class BaseExceptionOnLoad:
 
 def return_base_exception_on_load(which):
     return BaseExceptionOnLoad(which)
+
+
+def sleep_holding_the_gil(seconds, value):
+    """Sleep in one C call that keeps the GIL (libc usleep through ctypes.PyDLL): no other thread
+    of this process runs Python meanwhile, as in a long numpy or regex call."""
+    import ctypes
+
+    ctypes.PyDLL(None).usleep(int(seconds * 1_000_000))
+    return value

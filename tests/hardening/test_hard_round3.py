@@ -75,7 +75,7 @@ SLOW_SECONDS = 3.0
 TINY_BEFORE_MARGIN = 1.5  # seconds after the gate opens by which the tiny jobs before the slow one resolve
 
 
-@pytest.mark.parametrize("fate", ["slow", "timeout", "crash"])
+@pytest.mark.parametrize("fate", ["slow", "timeout", "crash", "gil", "gil-timeout"])
 def test_r3_1_held_replies_are_not_kept_behind_a_long_job(shmpool_mod, make_pool, kind, tmp_path, fate):
     """R3-1. One worker, taught that jobs are short (bursts of tiny jobs, one of 300 among them).  Then
     a gate job holds the worker while the test queues 8 tiny jobs, one slow job and 300 more tiny jobs:
@@ -88,7 +88,11 @@ def test_r3_1_held_replies_are_not_kept_behind_a_long_job(shmpool_mod, make_pool
       timeout: the same job with submit_job(timeout=1.0) must fail with JobTimeoutError (today its
                clock starts only when the held replies arrive: it returns 'slow' at 3 s);
       crash:   the job segfaults: it alone fails (WorkerDiedError); every tiny job before it returns
-               its value (today the held replies die with the worker: those jobs fail too).
+               its value (today the held replies die with the worker: those jobs fail too);
+      gil:     the job sleeps 3 s in a C call that keeps the GIL (the worker's flusher thread cannot
+               run): the tiny jobs still resolve within 1.5 s (the parent reads the worker's journal);
+      gil-timeout: the same, with timeout=1.0 on the tiny jobs: none of them, all finished, may
+               fail with JobTimeoutError, and the GIL-holding job returns (its worker is not killed).
     In every case the 300 jobs after it complete (on a replacement worker after a crash/timeout)."""
     sp = shmpool_mod
     pool = make_pool(1, kind=kind)
@@ -99,11 +103,14 @@ def test_r3_1_held_replies_are_not_kept_behind_a_long_job(shmpool_mod, make_pool
 
     go, started = tmp_path / "go", tmp_path / "started"
     gate = pool.submit(jobs.wait_for_file, str(go), 20.0, "gate", str(started), 0.05)
-    tiny_before = [pool.submit(jobs.add, i, 1000) for i in range(8)]
+    tiny_timeout = 1.0 if fate == "gil-timeout" else None
+    tiny_before = [pool.submit_job(jobs.add, (i, 1000), timeout=tiny_timeout) for i in range(8)]
     if fate == "slow":
         slow = pool.submit(jobs.sleep_return, SLOW_SECONDS, "slow")
     elif fate == "timeout":
         slow = pool.submit_job(jobs.sleep_return, (SLOW_SECONDS, "slow"), timeout=1.0)
+    elif fate.startswith("gil"):
+        slow = pool.submit(jobs.sleep_holding_the_gil, SLOW_SECONDS, "slow")
     else:
         slow = pool.submit(jobs.run_and_fail, "segfault", None)
     tiny_after = [pool.submit(jobs.add, i, 2000) for i in range(300)]
@@ -125,7 +132,7 @@ def test_r3_1_held_replies_are_not_kept_behind_a_long_job(shmpool_mod, make_pool
                       f"their replies were held back behind it")
 
     exc = exception_within(slow, SLOW_SECONDS + HANG_DEADLINE, f"the {fate} job")
-    if fate == "slow":
+    if fate in ("slow", "gil", "gil-timeout"):
         assert exc is None, error_text(exc)
         assert slow.result(timeout=0) == "slow"
     elif fate == "timeout":
@@ -363,6 +370,70 @@ def test_r3_3_main_thread_callback_exit_is_raised_after_every_future_settles(mak
         pool.shutdown()
     done, not_done = cf.wait(queued + [busy], timeout=HANG_DEADLINE)
     assert not not_done, f"{len(not_done)} futures left unresolved after a callback's SystemExit"
+
+
+def test_r3_3_a_callback_waiting_for_the_same_pool_gets_an_error_not_a_hang(make_pool, kind):
+    """R3-3, waits: a done-callback (run on the dispatcher thread, which delivers results) that waits
+    for another job of the same pool could never be answered; it gets RuntimeError at once, and the
+    pool goes on (before: that job and every later one hung)."""
+    pool = make_pool(1, kind=kind)
+    result_within(pool.submit(jobs.getpid), JOB_DEADLINE, "the first job")
+    seen: list[BaseException | object] = []
+
+    def waits(f):
+        try:
+            seen.append(pool.submit(jobs.add, 2, 2).result())
+        except BaseException as e:
+            seen.append(e)
+
+    first = pool.submit(jobs.sleep_return, 0.2, "first")
+    first.add_done_callback(waits)
+    assert result_within(first, HANG_DEADLINE, "the job with the waiting callback") == "first"
+    wait_for(lambda: seen, HANG_DEADLINE, "the callback to return")
+    assert isinstance(seen[0], RuntimeError) and "add_done_callback" in str(seen[0]), seen
+    assert result_within(pool.submit(jobs.add, 3, 4), HANG_DEADLINE, "a job after the callback") == 7
+
+
+def test_r3_3_a_signal_handler_calling_the_pool_while_it_holds_its_lock(kind):
+    """R3-3, signals: a SIGUSR1 handler that calls pool.shutdown() lands while the main thread holds
+    the pool's lock (inside worker_pids(), placed there with a trace function): the handler waits
+    for the lock to be released, then shuts the pool down (before: it waited for a lock its own
+    thread held, forever)."""
+    from test_hard_defects import run_script
+
+    out, _ = run_script("""
+        import threading
+        pool = SubprocPool(1, kind=SubprocKind({kind!r}))
+        pool.submit(jobs.getpid).result(timeout=30)
+        handled = []
+        def on_usr1(signum, frame):
+            pool.shutdown(wait=False)
+            handled.append(1)
+        signal.signal(signal.SIGUSR1, on_usr1)
+        fired = []
+        def tracer(frame, event, arg):
+            if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_name == "worker_pids" \
+                    and not fired:
+                fired.append(1)
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return None
+        sys.settrace(tracer)
+        try:
+            pids = pool.worker_pids()
+        finally:
+            sys.settrace(None)
+        for _ in range(1000):
+            pass
+        try:
+            pool.submit(jobs.getpid)
+            after = "submit worked"
+        except RuntimeError as e:
+            after = str(e)
+        report(fired=len(fired), handled=len(handled), pids=len(pids), after=after)
+        """, timeout=60.0, kind=kind.value)
+    assert out["fired"] == 1, "the signal was not sent from inside worker_pids(): update this test"
+    assert out["handled"] == 1, out
+    assert "after shutdown" in out["after"], out
 
 
 # --- R3-4: the parent's unpickling of a result raises a BaseException ---------------------------------
