@@ -8,7 +8,9 @@ A held reply is never late and never lost:
     next job's clock, its timeout included, only on that answer);
   - each held header is also journaled in the request segment's control block (wire.py): a
     worker that dies holding replies (a job behind them crashed) loses none; the parent reads
-    them from the journal and the results from the response ring.
+    them from the journal and the results from the response ring. It reads a live worker's
+    journal too when a job behind held replies runs 20 ms or reaches its timeout: a long C call
+    that keeps the GIL starves the flusher thread (dispatcher._peek_held).
 
 Everything that sends on the worker's socket goes through here, under one lock, so the flusher
 and the worker's own sends never interleave and replies stay in ring order.

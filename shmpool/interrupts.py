@@ -9,6 +9,10 @@ only, between bytecodes, whichever thread the signal hit. So, in the main thread
 with a Python handler gets a handler that only notes it for the block's duration; afterwards
 the real handlers are put back and the noted signals are raised again, so their handlers run
 (and may raise) right after the steps, as if the signals had come a moment later.
+
+The same holds wherever a caller's thread holds the pool's lock (``PoolCore.guarded``): a
+handler that calls into the pool (a SIGTERM handler calling ``shutdown()``) then runs once the
+lock is free, instead of waiting for a lock its own thread holds.
 """
 from __future__ import annotations
 
