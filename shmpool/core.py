@@ -177,10 +177,16 @@ class PoolCore:
                     entry = batches[w.serial] = (w, w.deferred)
                     w.deferred = []
                 batch = entry[1]
-                if self.place(w, pending[0], now, batch) is None:
+                job = pending.popleft()  # taken out first: it must not be both queued and placed
+                try:
+                    placed = self.place(w, job, now, batch)
+                except BaseException:
+                    if job.state is JobState.QUEUED:
+                        pending.appendleft(job)  # place() took it back: still first in line
+                    raise
+                if placed is None:
+                    pending.appendleft(job)
                     full.add(w.serial)  # its ring is busy until its next reply
-                else:
-                    pending.popleft()
         finally:
             for w, batch in batches.values():
                 if not batch:
@@ -243,9 +249,10 @@ class PoolCore:
     def place(self, w: Worker, job: Job, now: float, batch: list[bytes] | None = None) -> bool | None:
         """Try to put ``job`` on ``w``: True when placed (its header sent, or added to
         ``batch`` for the caller to send), False when the job failed here (it is resolved),
-        None when it did not fit (try elsewhere). Callers hold Ctrl-C back around it and the
-        sending of ``batch`` (interrupts.py): noting the job as ``w``'s and announcing it
-        happen together or not at all."""
+        None when it did not fit (try elsewhere). Callers hold signal handlers back around it
+        and the sending of ``batch`` (interrupts.py); any exception that still comes before the
+        job is announced takes the placement back, its ring space included (``_withdraw``):
+        a job noted as ``w``'s that ``w`` never hears of would stall ``w`` for good."""
         payload = job.payload
         assert payload is not None and job.state is JobState.QUEUED
         if not job.running:
@@ -253,14 +260,28 @@ class PoolCore:
                 self.resolve(job)  # cancelled while it waited
                 return False
             job.running = True
+        placement: Placement | None = None
+        mark = len(batch) if batch is not None else 0
+        announced = False
         try:
             placement = w.endpoint.stage(payload)
+            if placement is None:
+                return None
+            w.inflight.append(job)
+            move_job(job, JobState.PLACED)
+            job.placement = placement
+            try:
+                w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement, 0, batch)
+            except OSError:
+                self._socket_broke(w)  # the job is put back when it exits
+            announced = True
         except SharedMemoryError as e:  # no memory for a one-off segment: this job only
             self.resolve(job, exc=e)
             return False
-        if placement is None:
-            return None
-        self._commit(w, job, placement, batch)
+        except BaseException:
+            if placement is not None and not announced:
+                self._withdraw(w, job, placement, batch, mark)
+            raise
         if len(w.inflight) == 1:
             self.job_starts(job, now)
         self._count_placed(payload, placement)
@@ -270,33 +291,19 @@ class PoolCore:
         job.payload = None
         return True
 
-    def _commit(self, w: Worker, job: Job, placement: Placement, batch: list[bytes] | None) -> None:
-        """Note ``job`` as ``w``'s and announce it. An exception before it is announced (one
-        no signal handler raises, interrupts.py: a MemoryError, a tracer's) takes it all
-        back, its ring space included: a job noted but never announced would stall ``w``."""
-        mark = len(batch) if batch is not None else 0
-        announced = False
-        try:
-            w.inflight.append(job)
-            move_job(job, JobState.PLACED)
-            job.placement = placement
-            w.endpoint.announce(wire.MsgKind.JOB, job.job_id, placement, 0, batch)
-            announced = True
-        except OSError:
-            self._socket_broke(w)  # the job is put back when it exits
-        except BaseException:
-            if not announced:
-                if w.inflight and w.inflight[-1] is job:
-                    w.inflight.pop()
-                job.state = JobState.QUEUED
-                job.placement = None
-                if batch is not None:
-                    del batch[mark:]
-                if placement.oneoff is None:
-                    w.endpoint.outgoing.unreserve(placement.start)
-                else:
-                    placement.oneoff.close()
-            raise
+    @staticmethod
+    def _withdraw(w: Worker, job: Job, placement: Placement, batch: list[bytes] | None, mark: int) -> None:
+        """Undo a placement interrupted before its job was announced: as if never tried."""
+        if w.inflight and w.inflight[-1] is job:
+            w.inflight.pop()
+        job.state = JobState.QUEUED
+        job.placement = None
+        if batch is not None:
+            del batch[mark:]
+        if placement.oneoff is None:
+            w.endpoint.outgoing.unreserve(placement.start)
+        else:
+            placement.oneoff.close()
 
     def _count_placed(self, payload: Parts | Frozen, placement: Placement) -> None:
         size = placement.size

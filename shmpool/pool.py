@@ -274,8 +274,12 @@ class SubprocPool:
         # READY, an exit) has the dispatcher place the queue; this one joins it without another
         # try (the submitter's hot path under a burst).
         if not behind:
-            core.place_pending(core.last_activity)
-            self._dispatcher.reset_start_failures(unless_live=True)
+            try:
+                core.place_pending(core.last_activity)
+                self._dispatcher.reset_start_failures(unless_live=True)
+            except BaseException:
+                self._dispatcher.wake()  # a queue nobody was asked to place: the dispatcher will
+                raise
         if was_quiesced or job.timeout is not None or self._dispatcher.short_handed:
             self._dispatcher.wake()
 

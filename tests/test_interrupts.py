@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from shmpool import interrupts
 from shmpool.interrupts import deferred_signals
 
 
@@ -16,7 +17,8 @@ class Boom(Exception):
 
 
 @pytest.fixture
-def handlers():
+def handlers(monkeypatch):
+    monkeypatch.setattr(interrupts, "RESCAN_SECONDS", 0.0)  # see handlers set a moment ago
     ran: list[str] = []
 
     def raising(signum, frame):

@@ -233,7 +233,7 @@ class _LockThatFiresOnRelease:
 def test_r3_2_exception_inside_submit_leaves_pool_usable(make_pool, kind, point, how):
     """R3-2. An exception lands inside submit() of a job bound for an idle single worker, at one exact
     point (deterministic, no timing luck):
-      point "commit": when core._commit calls move_job (the job already noted in the worker's
+      point "commit": when core.place calls move_job (the job already noted in the worker's
                       in-flight queue, its header not yet announced), caught with sys.settrace;
       point "unlock": right after submit's placement releases the pool lock (in pool.py's
                       _place_at_once) and before the header is sent, via a wrapper around the lock;
@@ -263,7 +263,7 @@ def test_r3_2_exception_inside_submit_leaves_pool_usable(make_pool, kind, point,
 
     def tracer(frame, event, arg):
         if (event == "call" and frame.f_code.co_name == "move_job" and frame.f_back is not None
-                and frame.f_back.f_code.co_name == "_commit" and threading.current_thread() is main):
+                and frame.f_back.f_code.co_name == "place" and threading.current_thread() is main):
             sys.settrace(None)
             fired.append(point)
             fire()
@@ -410,6 +410,7 @@ def test_r3_3_a_signal_handler_calling_the_pool_while_it_holds_its_lock(kind):
             pool.shutdown(wait=False)
             handled.append(1)
         signal.signal(signal.SIGUSR1, on_usr1)
+        time.sleep(0.1)  # set at start-up, as a SIGTERM handler is: past interrupts.RESCAN_SECONDS
         fired = []
         def tracer(frame, event, arg):
             if event == "call" and frame.f_back is not None and frame.f_back.f_code.co_name == "worker_pids" \
