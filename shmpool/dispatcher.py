@@ -55,8 +55,8 @@ TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL at shutdown
 EOF_GRACE = 1.0  # seconds a worker that closed its socket may linger before we SIGKILL it
 QUIT_KILL_AFTER = 10.0  # seconds an idle worker told to QUIT (quiesce, recycle) may take to exit
 STATUS_WAIT = 1.0  # seconds to wait for a FORK worker's exit status from the helper after its exit
-# A job with others queued behind it that has run this long is one whose reply its worker may hold
-# while a long C call in the next job starves the flusher: read its journal (_peek_held).
+# A job with others queued behind it that has run this long may be one whose reply its worker holds
+# while it runs the next (holding.py): read the worker's journal (_peek_held).
 HELD_PEEK_SECONDS = 0.02
 MAX_START_FAILURES = 3  # starts failing in a row before the queue is failed (if no worker is live)
 START_RETRY_DELAY = 0.5  # seconds before trying again to start a worker that could not be started
@@ -621,9 +621,9 @@ class Dispatcher:
 
     def _peek_held(self, now: float) -> None:
         """A job that has run past HELD_PEEK_SECONDS (or its timeout) with jobs queued behind it
-        may be one whose reply the worker holds back while it runs the next, whose long C call
-        keeps the worker's flusher thread from sending it: read those replies from the journal
-        now, once per such job, so they are not late and the job running is the one timed."""
+        may be one whose reply the worker holds back while it runs the next: read those replies
+        from the journal now, once per such job, so they are not late and the job running is
+        the one timed."""
         core = self.core
         with core.lock:
             due = []

@@ -54,7 +54,7 @@ SETUP_JOB_ID = 0
 #    back to 0 once they are sent. A worker that dies holding replies to finished jobs loses none of
 #    them: their results are in the response ring, and the parent reads them from there. The parent
 #    also reads a live worker's journal (sequence unchanged and even around the read), when a job
-#    behind held replies runs long without letting the worker's flusher thread send them.
+#    behind held replies runs long, which keeps the worker from sending them.
 CONTROL_BYTES = 1024
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
 _JOURNAL = struct.Struct("<QQ")  # sequence, count

@@ -25,9 +25,9 @@ One job, in order (the parent relies on each step's place):
 
 Headers arrive in batches when the parent stacks short jobs. A short job's reply header is
 then held while more jobs are queued here, and all held headers go out as one message when
-the queue runs dry, a batch fills, they have waited HOLD_SECONDS (holding.py: before the next
-job starts, or from a flusher thread while it runs), or a payload needs ring space the parent
-has yet to free. A worker that dies holding some loses none: they are journaled (holding.py).
+the queue runs dry, a batch fills, a job is about to start after they have waited HOLD_SECONDS,
+or a payload needs ring space the parent has yet to free. They are journaled (holding.py): the
+parent reads them itself when the worker dies, or when the job behind them runs long.
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def test_r3_1_held_replies_are_not_kept_behind_a_long_job(shmpool_mod, make_pool
                clock starts only when the held replies arrive: it returns 'slow' at 3 s);
       crash:   the job segfaults: it alone fails (WorkerDiedError); every tiny job before it returns
                its value (today the held replies die with the worker: those jobs fail too);
-      gil:     the job sleeps 3 s in a C call that keeps the GIL (the worker's flusher thread cannot
+      gil:     the job sleeps 3 s in a C call that keeps the GIL (no other thread of the worker's could
                run): the tiny jobs still resolve within 1.5 s (the parent reads the worker's journal);
       gil-timeout: the same, with timeout=1.0 on the tiny jobs: none of them, all finished, may
                fail with JobTimeoutError, and the GIL-holding job returns (its worker is not killed).
