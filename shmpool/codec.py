@@ -84,9 +84,7 @@ class Parts:
 
     def write_into(self, dst: memoryview) -> None:
         """Copy every piece into ``dst`` (exactly ``self.size`` bytes): the sender's one copy."""
-        table = self._table()
-        dst[: len(table)] = table
-        pos = len(table)
+        pos = self._pack_table(dst)
         for chunk in self.chunks:
             n = len(chunk)  # bytes or bytearray: its length is its size
             dst[pos : pos + n] = chunk
@@ -115,12 +113,17 @@ class Parts:
 
     def _table(self) -> bytearray:
         table = bytearray(_TABLE.size + _ENTRY.size * len(self.buffers))
-        _TABLE.pack_into(table, 0, self.stream_len, len(self.buffers), 0)
+        self._pack_table(table)
+        return table
+
+    def _pack_table(self, dst: Any) -> int:
+        """Write the region's table at the start of ``dst``; returns where the stream starts."""
+        _TABLE.pack_into(dst, 0, self.stream_len, len(self.buffers), 0)
         pos = _TABLE.size
         for off, buf in zip(self.offsets, self.buffers):
-            _ENTRY.pack_into(table, pos, off, buf.nbytes)
+            _ENTRY.pack_into(dst, pos, off, buf.nbytes)
             pos += _ENTRY.size
-        return table
+        return pos
 
     def release(self) -> None:
         """Drop the references to the caller's objects once they are in shared memory."""

@@ -31,25 +31,20 @@ class HeldReplies:
         self._endpoint = endpoint
         self._request = request
         self._capacity = ring_capacity
-        self._headers: list[bytes] = []
+        self.headers: list[bytes] = []  # held now, oldest first (read-only outside this class)
         self._since = 0.0  # when the oldest held header was written
         self._journaled = 0  # headers the journal holds now
-
-    def __bool__(self) -> bool:
-        return bool(self._headers)
-
-    def __len__(self) -> int:
-        return len(self._headers)
+        self._seq = 0  # the journal's sequence number (wire.journal_held)
 
     def overdue(self) -> bool:
-        return bool(self._headers) and time.monotonic() - self._since > HOLD_SECONDS
+        return bool(self.headers) and time.monotonic() - self._since > HOLD_SECONDS
 
     def announce(self, kind: wire.MsgKind, job_id: int, placement: Placement, flags: int, hold: bool) -> None:
         """Send a reply's header, with every header held before it; with ``hold``, keep it back
         instead (sent by ``send``, or when a batch fills), journaled."""
-        if hold and not self._headers:
+        if hold and not self.headers:
             self._since = time.monotonic()
-        self._endpoint.announce(kind, job_id, placement, flags, self._headers)  # may send them all
+        self._endpoint.announce(kind, job_id, placement, flags, self.headers)  # may send them all
         if not hold:
             self.send()
         else:
@@ -57,8 +52,8 @@ class HeldReplies:
 
     def send(self) -> None:
         """Send every held header now."""
-        if self._headers:
-            self._endpoint.send_batch(self._headers)
+        if self.headers:
+            self._endpoint.send_batch(self.headers)
         self._journal()  # only once they are out
 
     def send_control(self, kind: wire.MsgKind, job_id: int, flags: int = 0) -> None:
@@ -67,6 +62,8 @@ class HeldReplies:
         self._endpoint.send_control(kind, job_id, flags=flags)
 
     def _journal(self) -> None:
-        if self._headers or self._journaled:
-            wire.journal_held(self._request, self._capacity, self._headers)
-            self._journaled = len(self._headers)
+        headers = self.headers
+        if len(headers) != self._journaled:
+            kept = self._journaled if len(headers) > self._journaled else 0
+            self._seq = wire.journal_held(self._request, self._capacity, self._seq, headers, kept)
+            self._journaled = len(headers)

@@ -81,22 +81,25 @@ def mark_taken(request: memoryview, ring_capacity: int, job_id: int) -> None:
     TAKEN.pack_into(request, ring_capacity, job_id)
 
 
-def journal_held(request: memoryview, ring_capacity: int, headers: list[bytes]) -> None:
-    """Record the reply headers held now (at most MAX_BATCH), the sequence odd meanwhile."""
+def journal_held(request: memoryview, ring_capacity: int, seq: int, headers: list[bytes], kept: int) -> int:
+    """Record the reply headers held now (at most MAX_BATCH), of which the first ``kept`` are in
+    the journal already; the sequence, ``seq`` until now (even), is odd meanwhile. Returns the
+    new sequence."""
     at = ring_capacity + _JOURNAL_AT
-    seq, count = _JOURNAL.unpack_from(request, at)
-    _JOURNAL.pack_into(request, at, seq + 1, count)
-    start = ring_capacity + _HEADERS_AT
-    data = b"".join(headers)
-    request[start : start + len(data)] = data
+    _JOURNAL.pack_into(request, at, seq + 1, kept)  # the first ``kept`` stay whole throughout
+    if len(headers) > kept:
+        start = ring_capacity + _HEADERS_AT + kept * HEADER_SIZE
+        data = headers[kept] if len(headers) == kept + 1 else b"".join(headers[kept:])
+        request[start : start + len(data)] = data
     _JOURNAL.pack_into(request, at, seq + 2, len(headers))
+    return seq + 2
 
 
 def read_held(request: memoryview, ring_capacity: int, *, alive: bool) -> list[Header] | None:
     """The held reply headers a worker journaled; for an ``alive`` one, None when no steady copy
-    could be read (it kept rewriting the journal). A dead one's is read as it is: the worker
-    rewrites the headers it already had with the same bytes, so the count it left covers whole
-    ones. Raises WireError on a malformed journal."""
+    could be read (it kept rewriting the journal). A dead one's is read as it is: while the
+    worker writes new headers the count covers only those written before. Raises WireError on
+    a malformed journal."""
     at = ring_capacity + _JOURNAL_AT
     start = ring_capacity + _HEADERS_AT
     for _ in range(8):

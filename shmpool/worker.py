@@ -175,9 +175,10 @@ class Worker:
         # Mark it taken before anything can go wrong with it: if we die from here on, the parent
         # fails this job; if we die before, it runs the job on another worker.
         assert self.request.view is not None
-        assert self.held is not None
-        if self.held.overdue():
-            self.held.send()
+        held = self.held
+        assert held is not None
+        if held.headers and held.overdue():
+            held.send()
         self._job_started = time.monotonic()
         wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
         try:
@@ -265,7 +266,7 @@ class Worker:
             placement.oneoff is None
             and not flags
             and self._more_queued()
-            and len(held) < wire.MAX_BATCH - 1
+            and len(held.headers) < wire.MAX_BATCH - 1
             and time.monotonic() - self._job_started < HOLD_SECONDS
         )
         try:
@@ -273,7 +274,8 @@ class Worker:
         finally:
             if placement.oneoff is not None:
                 placement.oneoff.close()  # the fd in flight keeps the memory alive for the reader
-        self._settle()
+        if self._unsettled:
+            self._settle()
         return flags
 
     def _settle(self) -> None:
@@ -322,12 +324,12 @@ class Worker:
             got = None
             held = self.held
             assert held is not None
-            if held:
+            if held.headers:
                 try:
                     got = _recv(self.sock, block=False)
                 except BlockingIOError:
                     held.send()  # nothing more queued: the parent hears of them now
-            if got is None and not held:
+            if got is None and not held.headers:
                 got = _recv(self.sock)
             elif got is None:
                 return self._next()
