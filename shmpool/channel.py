@@ -21,7 +21,7 @@ from typing import NamedTuple
 from . import wire
 from .codec import Frozen, Parts
 from .ring import RingReader, RingWriter
-from .shm import RegionMapping, Segment, SharedMemoryError, out_of_fds
+from .shm import RegionMapping, Segment, SharedMemoryError
 from .spares import SpareSegments
 
 MAX_FDS = 4  # the most any message carries (FORK: socket and two rings)
@@ -102,13 +102,10 @@ _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ARRAY.itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 
 
-class FdsDropped(Exception):
-    """A payload's memfd came with its header, but this process is at its fd limit, so the
-    kernel dropped it: the payload is lost, the link is fine. ``header`` names it."""
-
-    def __init__(self, header: wire.Header) -> None:
-        super().__init__(f"the memfd of {header.kind.name} {header.job_id} was dropped: {out_of_fds()}")
-        self.header = header
+# The fds of a payload's header whose memfd the kernel dropped because this process is at its fd
+# limit: none, known by identity (``fds is FDS_DROPPED``). The payload is lost, the link is fine:
+# the reader fails that one job, naming the limit.
+FDS_DROPPED: list[int] = []
 
 
 def _at_fd_limit() -> bool:
@@ -123,7 +120,8 @@ _MESSAGE_SPACE = wire.HEADER_SIZE * wire.MAX_BATCH + 1  # one more byte: a longe
 def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.Header], list[int]] | None:
     """The headers of the next message and the fds beside it; None at EOF. Raises
     BlockingIOError when nothing is there and the socket (or ``block=False``) does not wait,
-    WireError on a malformed message (its fds closed), FdsDropped when we could not take its fd."""
+    WireError on a malformed message (its fds closed). A payload header whose memfd we could
+    not take (our fd limit) comes with FDS_DROPPED."""
     try:
         data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else socket.MSG_DONTWAIT)
     except ConnectionResetError:
@@ -146,7 +144,7 @@ def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.
         if msg_flags & socket.MSG_CTRUNC and not msg_flags & socket.MSG_TRUNC and len(data) == wire.HEADER_SIZE:
             header = wire.decode(data)
             if header.flags & wire.Flag.ONEOFF and not fds and _at_fd_limit():
-                raise FdsDropped(header)
+                return [header], FDS_DROPPED
         if msg_flags & _TRUNCATED:
             raise wire.WireError("message longer than a batch of headers, or with too many fds")
         n, rest = divmod(len(data), wire.HEADER_SIZE)

@@ -35,7 +35,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from . import wire
-from .channel import Endpoint, FdsDropped, out_of_fds, recv_header, recv_headers
+from .channel import FDS_DROPPED, Endpoint, recv_header, recv_headers
 from .codec import CodecError, dump, load
 from .core import JOB_SECONDS_WEIGHT, PoolCore
 from .futures import settle
@@ -44,11 +44,9 @@ from .launch import ForkHelper, spawn_worker, stop_process
 from .lifecycle import Job, Worker, WorkerState, move_worker
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, unlink_semaphore
+from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, out_of_fds, unlink_semaphore
 
 log = logging.getLogger("shmpool.pool")
-# The fds of a reply whose memfd the kernel dropped (channel.FdsDropped): none, known by identity.
-_FDS_DROPPED: list[int] = []
 
 QUIT_GRACE = 2.0  # seconds a worker gets to exit after QUIT (idle) or SIGTERM (busy) at shutdown
 TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL at shutdown
@@ -358,8 +356,6 @@ class Dispatcher:
                 got = recv_headers(w.endpoint.sock)
             except BlockingIOError:
                 return
-            except FdsDropped as e:  # our fd limit, not the worker's fault: that reply's job fails
-                got = [e.header], _FDS_DROPPED
             except (wire.WireError, OSError) as e:
                 self._protocol_error(w, f"bad message: {e}")
                 return
@@ -440,7 +436,7 @@ class Dispatcher:
         """The result (or error) a reply carries. Never raises: a result we cannot map fails
         alone (SharedMemoryError); a malformed reply comes back as a _ProtocolError. The job's
         one-off segment, and one the result came in, are kept warm (spares.py) once read."""
-        if fds is _FDS_DROPPED:  # its memfd never reached us
+        if fds is FDS_DROPPED:  # its memfd never reached us (our fd limit, not the worker's fault)
             return None, SharedMemoryError(f"the result of job {job.desc} could not be received: {out_of_fds()}")
         placement = job.placement
         lent = placement.oneoff if placement is not None else None

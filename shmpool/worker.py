@@ -45,13 +45,13 @@ from typing import Any
 import posix_ipc
 
 from . import wire
-from .channel import Endpoint, FdsDropped, Payload, out_of_fds, recv_header, recv_headers
+from .channel import FDS_DROPPED, Endpoint, Payload, recv_header, recv_headers
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
 from .errors import PayloadTooLargeError, describe_error
 from .holding import HOLD_SECONDS, HeldReplies
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore
+from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore, out_of_fds
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
@@ -182,7 +182,7 @@ class Worker:
         self._job_started = time.monotonic()
         wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
         try:
-            if fds is _FDS_DROPPED:
+            if fds is FDS_DROPPED:  # a job closed fds it did not own, or lowered the limit
                 raise SharedMemoryError(f"worker pid {os.getpid()} could not receive the job's memfd: {out_of_fds()}")
             payload, in_place = self._open_job(header, fds)
         except SharedMemoryError as e:
@@ -293,7 +293,7 @@ class Worker:
         """Whether another job is waiting for us: in hand, or in the socket already."""
         if not self._backlog and not self._eof:
             try:
-                got = _recv(self.sock, block=False)
+                got = recv_headers(self.sock, block=False)
             except BlockingIOError:
                 return False
             if got is None:
@@ -326,11 +326,11 @@ class Worker:
             assert held is not None
             if held.headers:
                 try:
-                    got = _recv(self.sock, block=False)
+                    got = recv_headers(self.sock, block=False)
                 except BlockingIOError:
                     held.send()  # nothing more queued: the parent hears of them now
             if got is None and not held.headers:
-                got = _recv(self.sock)
+                got = recv_headers(self.sock)
             elif got is None:
                 return self._next()
             if got is None:
@@ -357,19 +357,6 @@ class Worker:
         finally:
             if self.held is not None:
                 self.held.send()
-
-
-# The fds of a job whose memfd the kernel dropped (channel.FdsDropped): none, known by identity.
-_FDS_DROPPED: list[int] = []
-
-
-def _recv(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.Header], list[int]] | None:
-    """``recv_headers``, with a job whose memfd we could not take (our fd limit: a job closed
-    fewer fds than it opened, or lowered the limit) kept as a job that fails (_run_job)."""
-    try:
-        return recv_headers(sock, block=block)
-    except FdsDropped as e:
-        return [e.header], _FDS_DROPPED
 
 
 def _take_back(request: Payload, *, settle_later: bool = False) -> tuple[int, Segment | None]:
