@@ -14,6 +14,7 @@ name and rebuilt for the next test; a failure of shmpool itself fails the test.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -89,6 +90,12 @@ def pool(registry, pool_name):
     return registry.get(pool_name)
 
 
+def _collect_garbage() -> None:
+    """Before each round: the round pays for its own garbage only, not for a full collection
+    that an earlier test's objects set off (100-200 ms with torch loaded)."""
+    gc.collect()
+
+
 @pytest.fixture
 def measure(benchmark, pool, registry):
     """``measure(group, case, fn, *args, rounds=, bytes_moved=)``: benchmark.pedantic with the
@@ -101,7 +108,7 @@ def measure(benchmark, pool, registry):
             if warm_args is not None:  # a cheaper untimed warm-up than one full round
                 fn(pool, *warm_args)
             result = benchmark.pedantic(fn, args=(pool, *args), rounds=rounds, warmup_rounds=0 if warm_args else 1,
-                                        iterations=1)
+                                        iterations=1, setup=_collect_garbage)
         except Exception as e:
             if pool.name.startswith("shmpool") or isinstance(e, WrongResult):
                 raise

@@ -56,20 +56,23 @@ class _Sink:
 
 
 class Parts:
-    """A pickled object not yet in shared memory: its pieces and the region size it needs."""
+    """A pickled object not yet in shared memory: its pieces and the region size it needs.
+    Held as tuples: a tuple of ``bytes`` leaves the garbage collector's lists at its first
+    pass, so a queue of small jobs does not hold it up (see ``futures``)."""
 
     __slots__ = ("chunks", "buffers", "stream_len", "offsets", "size")
 
     def __init__(self, chunks: list[Any], stream_len: int, buffers: list[memoryview]) -> None:
-        self.chunks = chunks
-        self.buffers = buffers
+        self.chunks: tuple[Any, ...] = tuple(chunks)
+        self.buffers: tuple[memoryview, ...] = tuple(buffers)
         self.stream_len = stream_len
         pos = _TABLE.size + _ENTRY.size * len(buffers) + stream_len
-        self.offsets: list[int] = []
+        offsets = []
         for buf in buffers:
             pos = _align(pos)
-            self.offsets.append(pos)
+            offsets.append(pos)
             pos += buf.nbytes
+        self.offsets: tuple[int, ...] = tuple(offsets)
         self.size = pos
 
     @property
@@ -127,8 +130,8 @@ class Parts:
 
     def release(self) -> None:
         """Drop the references to the caller's objects once they are in shared memory."""
-        self.chunks = []
-        self.buffers = []
+        self.chunks = ()
+        self.buffers = ()
 
 
 class Frozen:

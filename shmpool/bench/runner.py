@@ -13,6 +13,7 @@ wrong answer (WrongResult) is recorded the same way but keeps the pool.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from typing import Callable
@@ -160,6 +161,10 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
             if p not in live:  # failed earlier in this repetition
                 continue
             try:
+                # Each run pays for its own garbage only: a full collection set off by what an
+                # earlier run left (another pool's queue of objects) would land on whichever
+                # pool happens to run next, 100-200 ms with torch loaded.
+                gc.collect()
                 t0 = time.perf_counter()
                 extra = case.run(p, payload, case.timeout)
                 dt = time.perf_counter() - t0
