@@ -90,12 +90,6 @@ def pool(registry, pool_name):
     return registry.get(pool_name)
 
 
-def _collect_garbage() -> None:
-    """Before each round: the round pays for its own garbage only, not for a full collection
-    that an earlier test's objects set off (100-200 ms with torch loaded)."""
-    gc.collect()
-
-
 @pytest.fixture
 def measure(benchmark, pool, registry):
     """``measure(group, case, fn, *args, rounds=, bytes_moved=)``: benchmark.pedantic with the
@@ -105,10 +99,15 @@ def measure(benchmark, pool, registry):
         benchmark.group = group
         benchmark.extra_info.update(pool=pool.name, case=case, bytes_moved=bytes_moved)
         try:
+            # A test pays for its own garbage only, not for a full collection (100-200 ms with
+            # torch loaded) that an earlier test's objects would set off in its rounds. Once per
+            # test, not per round: a collection walks every object, which leaves the caches cold
+            # for a round as short as a 1 MiB round trip.
+            gc.collect()
             if warm_args is not None:  # a cheaper untimed warm-up than one full round
                 fn(pool, *warm_args)
             result = benchmark.pedantic(fn, args=(pool, *args), rounds=rounds, warmup_rounds=0 if warm_args else 1,
-                                        iterations=1, setup=_collect_garbage)
+                                        iterations=1)
         except Exception as e:
             if pool.name.startswith("shmpool") or isinstance(e, WrongResult):
                 raise
