@@ -131,6 +131,9 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
             p.close()
             p.restarts += 1
 
+    # Each case pays for its own garbage only: no full collection (100-200 ms with torch loaded)
+    # that an earlier case's objects set off.
+    gc.collect()
     # warm-up: start, import what the workload needs in every worker, one untimed run
     for p in pools:
         results[p.name].memcpy_floor_s = floor
@@ -161,10 +164,8 @@ def run_case(case: Case, pools: list[PoolUnderTest], repeat: int,
             if p not in live:  # failed earlier in this repetition
                 continue
             try:
-                # Each run pays for its own garbage only: a full collection set off by what an
-                # earlier run left (another pool's queue of objects) would land on whichever
-                # pool happens to run next, 100-200 ms with torch loaded.
-                gc.collect()
+                if case.collect_each_run:
+                    gc.collect()  # see Case.collect_each_run
                 t0 = time.perf_counter()
                 extra = case.run(p, payload, case.timeout)
                 dt = time.perf_counter() - t0

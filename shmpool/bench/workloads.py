@@ -85,6 +85,11 @@ class Case:
     only_pools: tuple[str, ...] | None = None  # run on these pools only (None: every pool)
     floor_fn: Callable[[Any], float] | None = None  # seconds for the payload without a pool (a floor column)
     floor_label: str = ""  # that column's name in the table
+    # A full collection before every timed run, not only before the case: for a case whose runs
+    # leave thousands of objects each (runs interleave pools, and a collection one pool's
+    # objects set off would land on whichever runs next). Not for the rest: a collection walks
+    # every object, and leaves a short run's caches cold (a 1 KiB round trip then takes 2x).
+    collect_each_run: bool = False
 
     @property
     def timeout(self) -> float:
@@ -192,7 +197,7 @@ def run_throughput(pool, njobs, timeout):
 def throughput_cases(njobs: int = THROUGHPUT_JOBS) -> list[Case]:
     # warm-up with a tenth of the burst: enough to settle the pool, a second saved per pool
     return [Case("throughput", f"{njobs}-add", 0, 0, lambda: njobs, run_throughput, jobs=njobs,
-                 warm_arg=max(1, njobs // 10))]
+                 warm_arg=max(1, njobs // 10), collect_each_run=True)]
 
 
 # ---------------------------------------------------------------- triton
