@@ -170,7 +170,8 @@ class JobFuture(Future):
             if self._state == PENDING:
                 self._state = RUNNING
                 return True
-        raise RuntimeError(f"Future in unexpected state: {self._state}")
+        log.critical("Future %s in unexpected state: %s", id(self), self._state)  # as Future does
+        raise RuntimeError("Future in unexpected state")
 
     def result(self, timeout: float | None = None) -> Any:
         if self._delivered_by is not None and not self.done():
