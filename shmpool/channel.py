@@ -296,16 +296,15 @@ class Endpoint:
         if batch is None:
             self.sock.send(header)
         else:
-            batch.append(header)
-            if len(batch) == wire.MAX_BATCH:
-                self.send_batch(batch)
+            batch.append(header)  # (however many: a busy worker's wait for its next reply)
 
     def send_batch(self, batch: list[bytes]) -> None:
-        """Send the headers gathered in ``batch`` as one message, and empty it."""
+        """Send the headers gathered in ``batch``, MAX_BATCH to a message, and empty it."""
         if batch:
-            data = b"".join(batch)
+            messages = [b"".join(batch[i : i + wire.MAX_BATCH]) for i in range(0, len(batch), wire.MAX_BATCH)]
             batch.clear()
-            self.sock.send(data)
+            for data in messages:
+                self.sock.send(data)
 
     def send_payload(
         self,

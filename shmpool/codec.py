@@ -183,9 +183,18 @@ def dump(obj: object, pickler: SubprocPickler) -> Parts:
     if has_zero_copy(pickler):
         chunks: list[Any] = []
         buffers: list[memoryview] = []
-        pickler.make_pickler(_Sink(chunks), lambda b: buffers.append(_raw(b))).dump(obj)  # type: ignore[arg-type]
+
+        def out_of_band(buf: pickle.PickleBuffer) -> bool:
+            if len(buffers) >= MAX_BUFFERS:
+                return True  # the table is full: this one goes in band (a true answer means so)
+            buffers.append(_raw(buf))
+            return False
+
+        pickler.make_pickler(_Sink(chunks), out_of_band).dump(obj)  # type: ignore[arg-type]
         return Parts(chunks, sum(map(len, chunks)), buffers)
     data = pickler.dumps(obj)
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"{type(pickler).__qualname__}.dumps() returned {type(data).__name__}, not bytes")
     return Parts([data], len(data), [])
 
 
@@ -205,7 +214,9 @@ def load(region: memoryview, pickler: SubprocPickler, *, copy_buffers: bool) -> 
         raise CodecError(f"region of {size} bytes is smaller than its table")
     stream_len, nbuf, reserved = _TABLE.unpack_from(region, 0)
     table_end = _TABLE.size + _ENTRY.size * nbuf
-    if reserved != 0 or nbuf > MAX_BUFFERS or table_end + stream_len > size:
+    if nbuf > MAX_BUFFERS:
+        raise CodecError(f"region table claims {nbuf} out-of-band buffers, over the {MAX_BUFFERS} a peer may send")
+    if reserved != 0 or table_end + stream_len > size:
         raise CodecError(f"region table (stream {stream_len}, {nbuf} buffers) does not fit {size} bytes")
     stream_end = table_end + stream_len
     buffers: list[Any] = []

@@ -32,6 +32,12 @@ from .spares import SpareSegments
 PIPELINE_DEPTH = 1
 SHORT_JOB_PIPELINE_DEPTH = 64
 SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
+# A job running this long is no short job: nothing is stacked behind it, and what was is moved
+# (take_back_unsent, from dispatcher._unstack_stalled).
+STALL_SECONDS = 0.05
+# Headers sent to a worker in one go, at most: the jobs behind one that turns out long wait for
+# it once sent; the rest stay in the parent, where they can be taken back.
+SENT_AHEAD = 32
 JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
 # A job that must wait keeps a private copy of its bytes (the caller may change its arrays
 # after submit() returns). From this size the copy goes into a memfd of its own, which is then
@@ -60,6 +66,24 @@ class PoolStats:
     workers_died: int = 0
 
 
+def new_pool_lock() -> threading.RLock:
+    """The pool's lock. Re-entrant only so that a re-entry can be seen and refused
+    (``refuse_reentry``): no code of the pool takes it twice."""
+    return threading.RLock()
+
+
+def refuse_reentry(lock: threading.RLock) -> None:
+    """Raise if this thread holds ``lock``: a finalizer the garbage collector ran, or a signal
+    handler, inside the pool's own critical section, calling back into the pool. Going on
+    would work on half-changed state, and waiting would wait for this thread forever."""
+    if lock._is_owned():  # type: ignore[attr-defined]
+        raise RuntimeError(
+            "a SubprocPool was called from code that ran inside that pool's own locked section on "
+            "the same thread (a __del__ or weakref callback run by the garbage collector, or a "
+            "signal handler): call it from elsewhere, e.g. hand the work to another thread"
+        )
+
+
 class _LockHeldSafely:
     """``with core.guarded():``: the pool's lock, taken by a caller's thread with Python signal
     handlers held back until it is released, so a handler that calls into the pool (a SIGTERM
@@ -67,11 +91,12 @@ class _LockHeldSafely:
 
     __slots__ = ("_lock", "_signals")
 
-    def __init__(self, lock: threading.Lock) -> None:
+    def __init__(self, lock: threading.RLock) -> None:
         self._lock = lock
         self._signals = deferred_signals()
 
     def __enter__(self) -> None:
+        refuse_reentry(self._lock)
         self._signals.__enter__()
         try:
             self._lock.acquire()
@@ -89,7 +114,7 @@ class PoolCore:
         self, nprocs: int, zero_copy: bool, remote_error_class: type[SubprocException], spare_limit: int | None = None
     ) -> None:
         self.nprocs = nprocs
-        self.lock = threading.Lock()
+        self.lock = new_pool_lock()
         self.pending: collections.deque[Job] = collections.deque()  # QUEUED jobs, in order
         self.workers: dict[int, Worker] = {}  # every worker not yet GONE, by serial
         self.closing = False
@@ -164,19 +189,29 @@ class PoolCore:
         full: set[int] = set()
         batches: dict[int, tuple[Worker, list[bytes]]] = {}
         if answered is not None and answered.deferred:
-            batches[answered.serial] = (answered, answered.deferred)
-            answered.deferred = []
+            # At most one message's worth: a job among them may turn out long, and the ones sent
+            # behind it wait for it; those still here can be taken back (take_back_unsent).
+            sent, answered.deferred = answered.deferred[:SENT_AHEAD], answered.deferred[SENT_AHEAD:]
+            batches[answered.serial] = (answered, sent)
+            if answered.deferred:
+                full.add(answered.serial)  # headers wait behind these: none joins this message
         pending = self.pending
         try:
             while pending and not self.closing:
-                w = self.pick_worker(len(pending), full)
+                w = self.pick_worker(now, len(pending), full)
                 if w is None:
                     return
                 entry = batches.get(w.serial)
-                if entry is None:  # its deferred headers go first
+                if entry is not None and len(entry[1]) < SENT_AHEAD:
+                    batch = entry[1]
+                elif entry is not None or (w.inflight and w is not answered):
+                    # Busy (or a message's worth on its way): the header waits with those callers
+                    # deferred, for its next reply (sent then, or taken back if a job stalls it).
+                    batch = w.deferred
+                else:  # its deferred headers go first
                     entry = batches[w.serial] = (w, w.deferred)
                     w.deferred = []
-                batch = entry[1]
+                    batch = entry[1]
                 job = pending.popleft()  # taken out first: it must not be both queued and placed
                 try:
                     placed = self.place(w, job, now, batch)
@@ -223,21 +258,26 @@ class PoolCore:
         # never took (their bytes are in its ring); make that exit come now.
         self.retire(w, "its socket broke while jobs were being placed", time.monotonic())
 
-    def pick_worker(self, waiting: int | None = None, full: set[int] | frozenset[int] = frozenset()) -> Worker | None:
+    def pick_worker(
+        self, now: float, waiting: int | None = None, full: set[int] | frozenset[int] = frozenset()
+    ) -> Worker | None:
         """The ready worker with the fewest jobs, if one has room for another given that
         ``waiting`` jobs wait (None: one new job plus every job placed already). Up to
         SHORT_JOB_PIPELINE_DEPTH ride in one worker while more jobs wait than there are
-        workers and jobs are short, else one."""
+        workers and jobs are short, else one; none behind a job running STALL_SECONDS."""
         best: Worker | None = None
         fewest = 1 << 30
         best_rank = 1 << 31
         placed = 0
+        stalled_since = now - STALL_SECONDS
         for w in self.workers.values():
             n = len(w.inflight)
             placed += n
             # Among equals, one not busy settling a segment (a full collection, worker.py) first.
             rank = 2 * n + (1 if w.settling else 0)
             if rank < best_rank and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
+                if n and (w.stalled or w.inflight[0].head_since <= stalled_since):
+                    continue
                 best, fewest, best_rank = w, n, rank
         if best is None:
             return None
@@ -355,6 +395,28 @@ class PoolCore:
         if kill_at is not None and (w.kill_at is None or kill_at < w.kill_at):
             w.kill_at = kill_at
         self.wake()
+
+    def take_back_unsent(self, w: Worker) -> int:
+        """Under lock: the jobs stacked on busy ``w`` whose headers it was never sent (the
+        tail of its queue, ``w.deferred``) go back to the front of the queue, for whichever
+        worker is free first: their bytes are copied out of its ring and their regions given
+        back, newest first. Returns how many."""
+        count = len(w.deferred)
+        if not count or w.unsent:
+            return 0
+        ring = w.endpoint.outgoing
+        jobs = [w.inflight.pop() for _ in range(count)]  # newest first
+        w.deferred = []
+        for job in jobs:
+            placement = job.placement
+            assert placement is not None and placement.oneoff is None  # a one-off's header goes at once
+            region = memoryview(bytearray(ring.view(placement.start, placement.size)))
+            ring.unreserve(placement.start)
+            job.placement = None
+            job.payload = Frozen(region, oob_bytes_of(region))
+            move_job(job, JobState.QUEUED)
+            self.pending.appendleft(job)
+        return count
 
     def requeue(self, w: Worker, jobs: list[Job]) -> None:
         """Jobs dead ``w`` never took: back to the front of the queue, in order, with the bytes

@@ -37,7 +37,7 @@ from typing import Any
 from . import wire
 from .channel import FDS_DROPPED, Endpoint, recv_header, recv_headers
 from .codec import CodecError, dump, load
-from .core import JOB_SECONDS_WEIGHT, PoolCore
+from .core import JOB_SECONDS_WEIGHT, STALL_SECONDS, PoolCore
 from .futures import settle
 from .errors import JobTimeoutError, SubprocException, WorkerDiedError, WorkerStartError, describe_exit
 from .launch import ForkHelper, spawn_worker, stop_process
@@ -49,7 +49,7 @@ from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_nam
 log = logging.getLogger("shmpool.pool")
 
 QUIT_GRACE = 2.0  # seconds a worker gets to exit after QUIT (idle) or SIGTERM (busy) at shutdown
-TERM_GRACE = 1.0  # seconds after SIGTERM before SIGKILL at shutdown
+KILL_WAIT = 1.0  # seconds for killed workers to be seen exiting at shutdown
 EOF_GRACE = 1.0  # seconds a worker that closed its socket may linger before we SIGKILL it
 QUIT_KILL_AFTER = 10.0  # seconds an idle worker told to QUIT (quiesce, recycle) may take to exit
 STATUS_WAIT = 1.0  # seconds to wait for a FORK worker's exit status from the helper after its exit
@@ -58,8 +58,9 @@ STATUS_WAIT = 1.0  # seconds to wait for a FORK worker's exit status from the he
 HELD_PEEK_SECONDS = 0.02
 MAX_START_FAILURES = 3  # starts failing in a row before the queue is failed (if no worker is live)
 START_RETRY_DELAY = 0.5  # seconds before trying again to start a worker that could not be started
-START_BACKOFF_MAX = 30.0
-JOIN_LIMIT = 30.0  # seconds shutdown(wait=True) waits for the dispatcher's teardown  # with live workers, failing starts are retried at most this far apart
+START_BACKOFF_MAX = 30.0  # with live workers, failing starts are retried at most this far apart
+JOIN_LIMIT = 30.0  # seconds shutdown(wait=True) waits for the dispatcher's teardown
+LONGEST_WAIT = 3600.0  # the most one select() waits for a deadline (epoll takes up to ~24.8 days)
 _PLAIN = SubprocPickler()
 _KNOWN_INFRA_ERRORS = (SharedMemoryError,)  # raised by the worker for us to raise as they are
 
@@ -153,6 +154,7 @@ class Dispatcher:
                         break
                     self._expire(now)
                     self._top_up(now)
+                    self._unstack_stalled(now)
                     core.place_pending(now, send_later=True)
                 core.send_placed()
                 core.flush()
@@ -172,6 +174,8 @@ class Dispatcher:
                     deadlines.append(w.inflight[0].deadline)
                 if len(w.inflight) >= 2 and w.peeked != w.inflight[0].job_id:
                     deadlines.append(w.inflight[0].head_since + HELD_PEEK_SECONDS)
+                if w.deferred and not w.stalled:
+                    deadlines.append(w.inflight[0].head_since + STALL_SECONDS)
                 if w.kill_at is not None and (w.pidfd >= 0 or w.proc is not None):
                     deadlines.append(w.kill_at)  # (a FORK worker not reported yet: FORKED wakes us)
                 if w.status_by is not None:
@@ -185,7 +189,8 @@ class Dispatcher:
             deadlines.append(spares_idle)
         if not deadlines:
             return None
-        return max(0.0, min(deadlines) - time.monotonic())
+        # Capped: a deadline days away (a long job timeout) is more than select() can take.
+        return min(max(0.0, min(deadlines) - time.monotonic()), LONGEST_WAIT)
 
     def _on_wake(self, _fd: object) -> None:
         self._chores = True
@@ -227,6 +232,19 @@ class Dispatcher:
                     core.quiesced = True
                 else:
                     self._idle_quiesce_at = at
+
+    def _unstack_stalled(self, now: float) -> None:
+        """Under lock: short jobs stacked behind one that has run STALL_SECONDS are not left
+        to wait for it while another worker could run them. Its worker takes no more, and
+        the stacked jobs it was never told of go back to the queue (those it was told of
+        stay: they cannot be taken back from a worker that may start them)."""
+        core = self.core
+        for w in core.workers.values():
+            if w.stalled or not w.inflight or now < w.inflight[0].head_since + STALL_SECONDS:
+                continue
+            w.stalled = True
+            if any(o is not w and o.state is WorkerState.READY for o in core.workers.values()):
+                core.take_back_unsent(w)  # (else nobody could run them sooner: they stay)
 
     def _top_up(self, now: float) -> None:
         """Quiesce idle workers, or start workers up to the pool's size."""
@@ -523,6 +541,7 @@ class Dispatcher:
         """Bookkeeping when ``w`` answers ``job``, under lock."""
         core = self.core
         core.last_activity = now
+        w.stalled = False
         if header.flags & wire.Flag.RECYCLE:
             self._retire_after_reply(w)
         # Running time, counted from when the job reached the head of its worker's queue.
@@ -806,15 +825,17 @@ class Dispatcher:
             w.close_settling()
             for name in w.sem_names:
                 unlink_semaphore(name)
-        deadline = time.monotonic() + QUIT_GRACE
+        # Every worker at once, through its pidfd: each stage waits once for all of them. An
+        # idle one had QUIT, a busy one SIGTERM (above): what lingers past QUIT_GRACE is killed.
+        tracked = [w.pidfd for w in workers if w.pidfd >= 0]
+        _await_exits(tracked, time.monotonic() + QUIT_GRACE)
         for w in workers:
-            if w.proc is not None:
-                stop_process(w.proc, max(0.0, deadline - time.monotonic()), TERM_GRACE)
-        forked = [w for w in workers if w.proc is None and w.pidfd >= 0]
-        _await_exits([w.pidfd for w in forked], deadline)  # FORK workers: the helper reaps them
-        for w in forked:
-            self._signal(w, signal.SIGKILL)  # (a no-op for one that exited)
-        _await_exits([w.pidfd for w in forked], time.monotonic() + TERM_GRACE)
+            if w.pidfd >= 0:
+                self._signal(w, signal.SIGKILL)  # (a no-op for one that exited)
+        _await_exits(tracked, time.monotonic() + KILL_WAIT)
+        for w in workers:
+            if w.proc is not None:  # SPAWN: ours to reap (FORK: the helper reaps them)
+                stop_process(w.proc, KILL_WAIT)
         for w in workers:
             if w.pidfd >= 0:
                 os.close(w.pidfd)

@@ -98,8 +98,9 @@ class _Condition:
 
 class JobFuture(Future):
     """``delivered_by``: the thread that resolves the pool's futures (and so runs most of their
-    callbacks). Waiting in it for a future it has yet to resolve could never end: ``result()``
-    and ``exception()`` raise RuntimeError there instead of hanging the pool.
+    callbacks). Waiting in it for a future it has yet to resolve could never end: ``result()``,
+    ``exception()``, ``wait()`` and ``as_completed()`` raise RuntimeError there instead of
+    hanging the pool.
 
     The methods that ``Future`` implements over its lists are implemented here over lists made
     on first use, with the same behaviour."""
@@ -116,7 +117,11 @@ class JobFuture(Future):
 
     @property
     def _waiters(self) -> list[Any]:
-        """Where ``concurrent.futures.wait()`` and ``as_completed()`` add their waiters."""
+        """Where ``concurrent.futures.wait()`` and ``as_completed()`` add their waiters (only
+        they use it: this class's own methods use ``_waiter_list``). One that would wait in
+        the thread that resolves this future is refused, as ``result()`` is."""
+        if self._delivered_by is not None and self._state not in (FINISHED, CANCELLED_AND_NOTIFIED):
+            self._refuse_to_wait_on_myself()
         if self._waiter_list is None:
             self._waiter_list = []
         return self._waiter_list
@@ -227,8 +232,7 @@ def settle(future: Future, result: Any = None, exc: BaseException | None = None)
         return True
     except Exception:  # InvalidStateError: already resolved, or cancel()led: the caller gave up
         pass
-    try:
-        future.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED
-    except RuntimeError:
-        pass  # resolved, or notified already
+    with future._condition:  # re-entrant: held across the check and the notice
+        if future._state == CANCELLED:  # not notified yet (the placement may have, see core.place)
+            future.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED
     return False

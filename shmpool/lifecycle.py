@@ -7,7 +7,8 @@ changes, and they refuse a move the table does not allow.
     job:     QUEUED --place--> PLACED --reply / failure / timeout--> DONE
                ^  \\______________________________________________^  (cancelled, shut down,
                |                                                      no worker can start)
-               +-- PLACED: its worker died before taking it: back to the queue, bytes intact
+               +-- PLACED: its worker died before taking it, or was stalled by a long job
+                   before its header went out: back to the queue, bytes intact
 
     worker:  STARTING --READY--> READY --QUIT / RECYCLE / EOF / kill--> RETIRING
                  \\__________________\\_____________________________________\\--exit--> EXITED --> GONE
@@ -96,7 +97,7 @@ class Worker:
     __slots__ = (
         "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
-        "settling", "peeked", "delivered_early",
+        "settling", "peeked", "delivered_early", "stalled",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
@@ -120,6 +121,10 @@ class Worker:
         # Headers of jobs callers placed behind its running ones. The dispatcher sends them with
         # its next placements, after the worker's next reply: a busy worker needs no wake-up.
         self.deferred: list[bytes] = []
+        # Its running job has run far past the short jobs stacked behind it: nothing more is
+        # stacked on it, and those whose headers it never got were taken back (core.take_back_unsent).
+        # Set by the dispatcher, cleared on its next reply, under the lock.
+        self.stalled = False
         # One-off segments of jobs it answered UNSETTLED, by job id: it still maps them until its
         # SETTLED message (wire.py); they go to the spares then, or are closed when it is gone.
         # Changed by the dispatcher only, under the lock (placement prefers workers without any).

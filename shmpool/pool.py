@@ -33,6 +33,8 @@ from __future__ import annotations
 import atexit
 import enum
 import itertools
+import math
+import numbers
 import os
 import pickle
 import signal
@@ -45,7 +47,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .codec import dump_job
-from .core import PoolCore, PoolStats
+from .core import PoolCore, PoolStats, new_pool_lock, refuse_reentry
 from .dispatcher import JOIN_LIMIT, Dispatcher
 from .errors import SubprocException, describe_job, remote_error
 from .futures import JobFuture
@@ -61,6 +63,18 @@ __all__ = ["DEFAULT_RING_SIZE", "MIN_RING_SIZE", "PoolStats", "SubprocKind", "Su
 # carries a 128 MiB FX graph without a one-off segment.
 DEFAULT_RING_SIZE = 256 << 20
 MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the ring
+
+
+def checked_seconds(name: str, value: float | None) -> float | None:
+    """``value`` as a duration in seconds: None or infinity mean none; NaN, a negative number or
+    anything not a number is the caller's mistake, refused before a job is sent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
+    return None if math.isinf(value) else float(value)
 
 
 class SubprocKind(enum.Enum):
@@ -86,6 +100,8 @@ def _forget_pools_in_child() -> None:
     # into their rings would cross the parent's jobs. The child's copies refuse all use.
     for pool in list(_live_pools):
         pool._forked = True
+        # Another thread may have held the lock at the fork, and no thread here will release it.
+        pool._core.lock = new_pool_lock()
     _live_pools.clear()
 
 
@@ -173,7 +189,8 @@ class SubprocPool:
         self.nprocs = nprocs
         self.pickler = pickler or SubprocPickler()
         self.kind = SubprocKind(getattr(kind, "value", kind))  # torch's SubprocKind has the same values
-        self._job_timeout = job_timeout
+        self._job_timeout = checked_seconds("job_timeout", job_timeout)
+        quiesce_after = checked_seconds("quiesce_after", quiesce_after)
         self._max_payload = max_payload
         # Pickled once here, so a pickler or initializer that cannot travel fails now, loudly.
         boot = {
@@ -213,8 +230,9 @@ class SubprocPool:
         """``submit`` with options: ``timeout`` seconds of running time, after which the
         future fails with ``JobTimeoutError`` and the worker is replaced."""
         self._check_usable()
+        refuse_reentry(self._core.lock)
+        job_timeout = checked_seconds("timeout", timeout) if timeout is not None else self._job_timeout
         parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
-        job_timeout = timeout if timeout is not None else self._job_timeout
         job = Job(next(self._job_ids), JobFuture(self._dispatcher.thread), parts, job_timeout, describe_job(job_fn))
         core = self._core
         with deferred_signals():  # placed and announced (or queued) together, or not at all
@@ -246,7 +264,7 @@ class SubprocPool:
                 core.counts["jobs_submitted"] += 1
                 now = core.last_activity = time.monotonic()
                 was_quiesced, core.quiesced = core.quiesced, False
-                w = None if core.pending else core.pick_worker()
+                w = None if core.pending else core.pick_worker(now)
                 # A busy worker's header waits for its next reply (the dispatcher sends it then):
                 # no wake-up of a worker that is busy anyway, no send that stalls this thread.
                 if w is not None and w.inflight:
@@ -327,10 +345,12 @@ class SubprocPool:
             self.process.wait(JOIN_LIMIT)
 
     def stats(self) -> PoolStats:
+        self._check_owned()
         return self._core.stats()
 
     def worker_pids(self) -> list[int]:
         """Pids of the live workers (FORK: their pids as the fork helper reported them)."""
+        self._check_owned()
         with self._core.guarded():
             return [w.pid for w in self._core.workers.values() if w.pid is not None and w.live]
 
@@ -347,12 +367,15 @@ class SubprocPool:
 
     # ---------------------------------------------------------------- internals
 
-    def _check_usable(self) -> None:
+    def _check_owned(self) -> None:
         if self._forked:
             raise RuntimeError(
                 f"this SubprocPool belongs to the process that created it, not to this forked "
                 f"child (pid {os.getpid()}): create a new SubprocPool in the child"
             )
+
+    def _check_usable(self) -> None:
+        self._check_owned()
         if self._core.closing:
             raise RuntimeError("cannot submit to a SubprocPool after shutdown()")
 

@@ -65,7 +65,6 @@ class RingWriter:
         self.head = 0
         self.tail = 0
         self._outstanding: collections.deque[int] = collections.deque()  # region ends, FIFO
-        self._newest_start: int | None = None  # start of the region handed out last, until taken back
 
     def _collect(self) -> None:
         # Read the count first: a failed try-acquire costs an exception, and this runs for
@@ -98,7 +97,6 @@ class RingWriter:
             return None
         self.head = start + size
         self._outstanding.append(self.head)
-        self._newest_start = start
         return start
 
     def _room_for(self, size: int) -> bool:
@@ -109,13 +107,16 @@ class RingWriter:
         return self.head + pad + size - self.tail <= self.capacity
 
     def unreserve(self, start: int) -> None:
-        """Take back the newest region, which was reserved at ``start`` but never announced
-        (its writer was interrupted): the ring is as if it had never been handed out."""
-        if not self._outstanding or self._outstanding[-1] != self.head or start != self._newest_start:
+        """Take back the newest region, reserved at ``start`` and never announced (its writer
+        was interrupted, or the job was taken back before its header went out): the ring is as
+        if it had never been handed out. Repeatable, newest first."""
+        if not self._outstanding or self._outstanding[-1] != self.head:
+            raise RingError("only the newest region can be taken back")
+        before = self._outstanding[-2] if len(self._outstanding) >= 2 else self.tail
+        if not before <= start < self.head:
             raise RingError("only the newest region can be taken back")
         self._outstanding.pop()
         self.head = start
-        self._newest_start = None
 
     def reserve(self, size: int, wait_step: float, still_wanted: Callable[[], bool]) -> int | None:
         """Block until ``size`` bytes are free. Wakes every ``wait_step`` seconds to ask

@@ -107,6 +107,7 @@ class Worker:
         self._job_started = 0.0
         self._eof = False  # the parent closed its end (seen while looking ahead)
         self._unsettled: list[tuple[int, Segment]] = []  # answered UNSETTLED: (job id, segment still mapped)
+        self.pid = os.getpid()
 
     def _parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
@@ -205,7 +206,10 @@ class Worker:
             del job
             result = fn(*args, **kwargs)
         except BaseException as e:
+            _exit_if_forked_by_the_job(self.pid, e)
             error = _describe(e)
+        else:
+            _exit_if_forked_by_the_job(self.pid, None)
         fn = args = kwargs = job = None  # drop the job's references (views into its mapping) now
         if error is not None:
             return self._reply(header.job_id, error, payload)
@@ -357,6 +361,25 @@ class Worker:
         finally:
             if self.held is not None:
                 self.held.send()
+
+
+def _exit_if_forked_by_the_job(worker_pid: int, raised: BaseException | None) -> None:
+    """A child the job forked that returned or raised out of the job function: it exits here,
+    as a ``multiprocessing`` child does after its target. Carrying on would answer the job (and
+    take the next ones) from a process the pool does not own, over the worker's socket."""
+    if os.getpid() == worker_pid:
+        return
+    code = 0
+    if isinstance(raised, SystemExit):
+        code = raised.code if isinstance(raised.code, int) else (0 if raised.code is None else 1)
+    elif raised is not None:
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 def _take_back(request: Payload, *, settle_later: bool = False) -> tuple[int, Segment | None]:
