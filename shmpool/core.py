@@ -399,29 +399,24 @@ class PoolCore:
     def take_back_unsent(self, w: Worker) -> int:
         """Under lock: the jobs stacked on busy ``w`` whose headers it was never sent (the
         tail of its queue, ``w.deferred``) go back to the front of the queue, for whichever
-        worker is free first: their bytes are copied out of its ring and their regions given
-        back, newest first. Returns how many."""
+        worker is free first, with their regions of its ring given back. Returns how many."""
         count = len(w.deferred)
         if not count or w.unsent:
             return 0
-        ring = w.endpoint.outgoing
-        jobs = [w.inflight.pop() for _ in range(count)]  # newest first
+        jobs = [w.inflight.pop() for _ in range(count)][::-1]
         w.deferred = []
-        for job in jobs:
-            placement = job.placement
-            assert placement is not None and placement.oneoff is None  # a one-off's header goes at once
-            region = memoryview(bytearray(ring.view(placement.start, placement.size)))
-            ring.unreserve(placement.start)
-            job.placement = None
-            job.payload = Frozen(region, oob_bytes_of(region))
-            move_job(job, JobState.QUEUED)
-            self.pending.appendleft(job)
+        ring = w.endpoint.outgoing
+        for job in reversed(jobs):  # newest first: each is the ring's newest region then
+            assert job.placement is not None and job.placement.oneoff is None  # a one-off's header goes at once
+            ring.unreserve(job.placement.start)
+        # Their bytes stay in place until the next write into the ring, which needs this lock.
+        self.requeue(w, jobs)
         return count
 
     def requeue(self, w: Worker, jobs: list[Job]) -> None:
-        """Jobs dead ``w`` never took: back to the front of the queue, in order, with the bytes
-        that were written for them (not the caller's objects, which may have changed since).
-        Call before ``w``'s rings are closed."""
+        """Jobs ``w`` never took (it died, or they were taken back): back to the front of the
+        queue, in order, with the bytes that were written for them (not the caller's objects,
+        which may have changed since). Call before ``w``'s rings are closed or written again."""
         ring = w.endpoint.outgoing
         for job in reversed(jobs):
             placement = job.placement
