@@ -214,6 +214,9 @@ class _LockThatFiresOnRelease:
     def locked(self):
         return self._real.locked()
 
+    def _is_owned(self):  # the pool asks it, to refuse a call back into itself (core.refuse_reentry)
+        return self._real._is_owned()
+
     def __enter__(self):
         return self._real.__enter__()
 
