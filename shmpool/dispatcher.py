@@ -44,7 +44,8 @@ from .launch import ForkHelper, spawn_worker, stop_process
 from .lifecycle import Job, Worker, WorkerState, move_worker
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import Segment, SharedMemoryError, create_semaphore, new_semaphore_name, out_of_fds, unlink_semaphore
+from .semaphores import SharedSemaphore
+from .shm import Segment, SharedMemoryError, out_of_fds
 
 log = logging.getLogger("shmpool.pool")
 
@@ -305,35 +306,33 @@ class Dispatcher:
         serial = next(self._serials)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         request = response = None
-        sem_names = (new_semaphore_name(), new_semaphore_name())
         w: Worker | None = None
         try:
             request = Segment.create(wire.request_segment_size(self._ring_size), label="shmpool-request")
             response = Segment.create(self._ring_size, label="shmpool-response")
+            request_freed_at, response_freed_at = wire.freed_semaphore_offsets(self._ring_size)
             endpoint = Endpoint(
                 parent_sock,
-                RingWriter(request, create_semaphore(sem_names[0]), self._ring_size),
-                RingReader(response, create_semaphore(sem_names[1])),
+                RingWriter(request, SharedSemaphore.create(request, request_freed_at), self._ring_size),
+                RingReader(response, SharedSemaphore.create(request, response_freed_at)),
                 core.spares,
             )
             fds = (child_sock.fileno(), request.fd, response.fd)
             if self._spawn:
-                w = Worker(serial, endpoint, sem_names, spawn_worker(*fds))
+                w = Worker(serial, endpoint, spawn_worker(*fds))
                 w.pidfd = os.pidfd_open(w.pid)  # type: ignore[arg-type]  # our unreaped child
             else:
-                w = Worker(serial, endpoint, sem_names, None)
+                w = Worker(serial, endpoint, None)
                 if self._helper is None:
                     self._start_helper()
                 assert self._helper is not None
                 self._helper.fork(serial, fds)
-            boot = dict(self._boot, sys_path=list(sys.path), request_sem=sem_names[0], response_sem=sem_names[1])
+            boot = dict(self._boot, sys_path=list(sys.path))
             init = dump(boot, _PLAIN)
             if init.size > endpoint.oneoff_threshold:
                 raise ValueError(f"worker set-up of {init.size} bytes does not fit a {self._ring_size}-byte ring")
             endpoint.send_payload(wire.MsgKind.INIT, wire.SETUP_JOB_ID, init, 0, 0.0, lambda: True)
         except BaseException:
-            for name in sem_names:
-                unlink_semaphore(name)
             if w is not None and w.proc is not None:
                 w.proc.kill()
                 w.proc.wait()
@@ -517,8 +516,6 @@ class Dispatcher:
                 w.was_ready = True
                 w.pid = w.pid or header.offset
                 self._start_failures = 0
-                for name in w.sem_names:
-                    unlink_semaphore(name)  # the worker did already; this covers a kill in between
                 core.place_pending(time.monotonic(), send_later=True)
             core.send_placed()
         else:
@@ -708,8 +705,6 @@ class Dispatcher:
             core.counts["workers_died"] += 1
         w.endpoint.close()
         w.close_settling()
-        for name in w.sem_names:
-            unlink_semaphore(name)
         if not w.was_ready and not w.expected_exit:
             self._start_failed(f"worker pid {w.pid} ended ({describe_exit(exitcode)}) before it was ready")
         self._chores = True
@@ -823,8 +818,6 @@ class Dispatcher:
             except OSError:
                 pass
             w.close_settling()
-            for name in w.sem_names:
-                unlink_semaphore(name)
         # Every worker at once, through its pidfd: each stage waits once for all of them. An
         # idle one had QUIT, a busy one SIGTERM (above): what lingers past QUIT_GRACE is killed.
         tracked = [w.pidfd for w in workers if w.pidfd >= 0]

@@ -95,15 +95,14 @@ class Worker:
     """The parent's record of one worker process."""
 
     __slots__ = (
-        "serial", "endpoint", "sem_names", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
+        "serial", "endpoint", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
         "settling", "peeked", "delivered_early", "stalled",
     )
 
-    def __init__(self, serial: int, endpoint: Endpoint, sem_names: tuple[str, str], proc: subprocess.Popen | None) -> None:
+    def __init__(self, serial: int, endpoint: Endpoint, proc: subprocess.Popen | None) -> None:
         self.serial = serial
         self.endpoint = endpoint
-        self.sem_names = sem_names
         self.proc = proc  # SPAWN: our child; FORK: None (the helper's child)
         self.pid: int | None = proc.pid if proc is not None else None
         self.pidfd = -1  # SPAWN: opened at start; FORK: arrives with FORKED

@@ -1,4 +1,5 @@
-"""A single-producer, single-consumer byte ring in a memfd, with a POSIX semaphore for space.
+"""A single-producer, single-consumer byte ring in a memfd, with a POSIX semaphore for space
+(process-shared, in the worker's request segment: semaphores.py).
 
 Invariants (one ring per direction per worker, so each side has exactly one writer):
   * Only the producer moves ``head``; it hands out contiguous regions in order, skipping the
@@ -30,12 +31,9 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable
 
-import posix_ipc
-
+from .semaphores import SemaphoreTimeout, SharedSemaphore
 from .shm import Segment
 
-
-_HAS_VALUE = bool(posix_ipc.SEMAPHORE_VALUE_SUPPORTED)  # sem_getvalue: Linux, not macOS
 # A writer learns of freed regions when it must: when a region does not fit without them, when
 # it is big enough that rewinding to the warm front pays (small ones may walk on), and every
 # so many regions, to keep its list of outstanding ones short.
@@ -56,7 +54,7 @@ def _capacity(segment: Segment, capacity: int | None) -> int:
 
 
 class RingWriter:
-    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore, capacity: int | None = None) -> None:
+    def __init__(self, segment: Segment, freed: SharedSemaphore, capacity: int | None = None) -> None:
         """A ring over the first ``capacity`` bytes of ``segment`` (all of it by default)."""
         assert segment.view is not None
         self.segment = segment
@@ -69,11 +67,11 @@ class RingWriter:
     def _collect(self) -> None:
         # Read the count first: a failed try-acquire costs an exception, and this runs for
         # every region handed out.
-        posted = self.freed.value if _HAS_VALUE else len(self._outstanding)
+        posted = self.freed.value
         for _ in range(min(posted, len(self._outstanding))):
             try:
                 self.freed.acquire(0)
-            except posix_ipc.BusyError:
+            except SemaphoreTimeout:
                 return
             self.tail = self._outstanding.popleft()
 
@@ -127,7 +125,7 @@ class RingWriter:
                 return start
             try:
                 self.freed.acquire(wait_step)
-            except posix_ipc.BusyError:
+            except SemaphoreTimeout:
                 if not still_wanted():
                     return None
                 continue
@@ -145,7 +143,7 @@ class RingWriter:
 
 
 class RingReader:
-    def __init__(self, segment: Segment, freed: posix_ipc.Semaphore, capacity: int | None = None) -> None:
+    def __init__(self, segment: Segment, freed: SharedSemaphore, capacity: int | None = None) -> None:
         assert segment.view is not None
         self.segment = segment
         self.capacity = _capacity(segment, capacity)

@@ -4,12 +4,10 @@ Segments are memfds, never files in /dev/shm: they have no name, so nothing can 
 by a SIGKILL; the memory goes back when the last process holding an fd or mapping exits. A
 segment reaches another process only as a file descriptor (inherited at spawn, or SCM_RIGHTS).
 
-Semaphores are POSIX named semaphores (posix_ipc). A name exists in /dev/shm only from the
-parent's ``create`` until the worker has opened it and called ``unlink`` (the first thing a
-worker does after reading its INIT), so a kill leaves at most the semaphores of a worker that
-was still starting; ``sweep_stale`` removes those on the next pool start. Names carry the
-creator's pid so stale ones can be told from live ones, and 64 random bits so nobody can guess
-them; mode 0600 keeps other users out.
+Semaphores live inside the segments too (semaphores.py), so shmpool puts nothing in /dev/shm.
+Earlier versions used named semaphores there (``sem.shmp.<creator pid>.<random>``) and a
+SIGKILL during a worker's start could leave two behind: ``sweep_stale`` removes this user's
+whose creator is dead, on each pool start.
 """
 from __future__ import annotations
 
@@ -19,15 +17,12 @@ import gc
 import mmap
 import os
 import resource
-import secrets
 
 from typing import Any
 
-import posix_ipc
 
-NAME_PREFIX = "shmp."  # everything of ours in /dev/shm is "sem.shmp.*"
+NAME_PREFIX = "shmp."  # earlier versions' semaphores in /dev/shm: "sem.shmp.<pid>.<random>"
 _DEV_SHM = "/dev/shm"
-_MODE = 0o600
 
 
 class SharedMemoryError(MemoryError):
@@ -282,48 +277,10 @@ def _privatize(addr: int, length: int) -> None:
         raise SharedMemoryError(f"could not move {length:,} bytes a job kept a view of ({os.strerror(err)})")
 
 
-def new_semaphore_name() -> str:
-    return f"/{NAME_PREFIX}{os.getpid()}.{secrets.token_hex(8)}"
-
-
-def create_semaphore(name: str) -> posix_ipc.Semaphore:
-    try:
-        return posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=_MODE, initial_value=0)
-    except OSError as e:
-        # A semaphore is a one-page file in /dev/shm: the only place shmpool needs space there.
-        raise SharedMemoryError(
-            f"could not create semaphore {name} ({e.strerror}): it needs one page "
-            f"({mmap.PAGESIZE:,} bytes) in {_DEV_SHM}, which has {_free_bytes(_DEV_SHM):,} bytes free; "
-            f"free space in {_DEV_SHM} (shmpool needs two pages per starting worker)"
-        ) from e
-
-
-def _free_bytes(path: str) -> int:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return -1
-    return st.f_bavail * st.f_frsize
-
-
-def open_and_unlink_semaphore(name: str) -> posix_ipc.Semaphore:
-    """Open the semaphore a parent made for us, then remove its name: from here on only the two
-    processes that hold it can reach it, and it vanishes with them."""
-    sem = posix_ipc.Semaphore(name)
-    unlink_semaphore(name)
-    return sem
-
-
-def unlink_semaphore(name: str) -> None:
-    try:
-        posix_ipc.unlink_semaphore(name)
-    except posix_ipc.ExistentialError:
-        pass  # the peer unlinked it first
-
-
 def sweep_stale() -> int:
-    """Unlink semaphores this user's dead shmpool processes left behind. Returns how many.
-    Never raises: an entry of another user, or one that cannot be removed, is left alone."""
+    """Unlink named semaphores that this user's dead shmpool processes of earlier versions left
+    behind (this one names none: semaphores.py). Returns how many. Never raises: an entry of
+    another user, or one that cannot be removed, is left alone."""
     removed = 0
     prefix = "sem." + NAME_PREFIX
     try:
@@ -338,8 +295,8 @@ def sweep_stale() -> int:
             pid = int(entry[len(prefix) :].split(".", 1)[0])
             if pid == os.getpid() or _pid_alive(pid) or os.stat(os.path.join(_DEV_SHM, entry)).st_uid != uid:
                 continue
-            posix_ipc.unlink_semaphore("/" + entry[len("sem.") :])
-        except (ValueError, OSError, posix_ipc.Error):
+            os.unlink(os.path.join(_DEV_SHM, entry))  # what sem_unlink does
+        except (ValueError, OSError):
             continue  # not ours to remove, or gone already
         removed += 1
     return removed

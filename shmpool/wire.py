@@ -22,9 +22,11 @@ for all of them. A message that carries fds carries exactly one header.
 The request segment (parent -> worker), one per worker::
 
     0                                 ring_capacity  +8        +16                      + CONTROL_BYTES
-    +---------------------------------+----------+----------+-------------------------+---------+
-    |  ring: job payloads (ring.py)   | taken id | held: n  | n held reply headers    | (unused)|
-    +---------------------------------+----------+----------+-------------------------+---------+
+    +-------------------------------+----------+----------+---------------------+--------+----------+----------+
+    | ring: job payloads (ring.py)  | taken id | held: n  | n held reply headers| unused | freed:   | freed:   |
+    |                               |          |          |                     |        | request  | response |
+    +-------------------------------+----------+----------+---------------------+--------+----------+----------+
+                                    0          8          24                    536      960        992   1024
 
 The response segment (worker -> parent) is all ring. Job ids start at 1: id 0 names the
 worker's own set-up (INIT, and the ERROR an initializer that raised sends back).
@@ -36,7 +38,7 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 5  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED. 5: held-reply journal
+VERSION = 6  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED. 5: held-reply journal. 6: semaphores in the control block
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 MAX_BATCH = 16  # headers in one message at most
@@ -56,10 +58,19 @@ SETUP_JOB_ID = 0
 #    also reads a live worker's journal (sequence unchanged and even around the read), when a job
 #    behind held replies runs long, which keeps the worker from sending them.
 CONTROL_BYTES = 1024
+#  - at offsets 960 and 992, the two rings' ``freed`` semaphores (semaphores.py: process-shared
+#    sem_t, no name), the request ring's and the response ring's, which the parent makes there.
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
+REQUEST_FREED_AT = 960
+RESPONSE_FREED_AT = 992
 _JOURNAL = struct.Struct("<QQ")  # sequence, count
 _JOURNAL_AT = 8
 _HEADERS_AT = 24
+
+
+def freed_semaphore_offsets(ring_capacity: int) -> tuple[int, int]:
+    """Where in the request segment the request and the response ring's ``freed`` semaphores are."""
+    return ring_capacity + REQUEST_FREED_AT, ring_capacity + RESPONSE_FREED_AT
 
 
 def request_segment_size(ring_capacity: int) -> int:

@@ -2,8 +2,8 @@
 
 A worker is either a fresh interpreter (SPAWN, ``python -c 'from shmpool.worker import
 spawn_main; spawn_main()'``) or a fork of the fork helper (FORK). Either way it holds one
-socket and two memfd rings, all inherited as fds; everything else, the semaphore names
-included, arrives in its INIT payload through the request ring. It exits on EOF (the parent
+socket and two memfd rings, all inherited as fds (the rings' semaphores are in the request
+segment's control block); everything else arrives in its INIT payload through the request ring. It exits on EOF (the parent
 is gone), on QUIT, or after a reply flagged RECYCLE.
 
 One job, in order (the parent relies on each step's place):
@@ -42,7 +42,6 @@ import sys
 import traceback
 from typing import Any
 
-import posix_ipc
 
 from . import wire
 from .channel import FDS_DROPPED, Endpoint, Payload, recv_header, recv_headers
@@ -51,7 +50,8 @@ from .errors import PayloadTooLargeError, describe_error
 from .holding import HOLD_SECONDS, HeldReplies
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
-from .shm import RegionMapping, Segment, SharedMemoryError, open_and_unlink_semaphore, out_of_fds
+from .semaphores import SharedSemaphore
+from .shm import RegionMapping, Segment, SharedMemoryError, out_of_fds
 
 _PR_SET_PDEATHSIG = 1
 RESULT_SPACE_WAIT_STEP = 1.0  # seconds between parent-alive checks while the response ring is full
@@ -113,26 +113,23 @@ class Worker:
         return os.getppid() == self.parent_pid
 
     def _init(self) -> bool:
-        """Read INIT, open the semaphores, run the initializer. False if the parent went away."""
+        """Read INIT, reach the semaphores, run the initializer. False if the parent went away."""
         got = recv_header(self.sock)
         if got is None:
             return False
         header, fds = got
         if header.kind != wire.MsgKind.INIT:
             raise wire.WireError(f"expected INIT first, got {header.kind.name}")
-        # INIT is read before the semaphores exist on our side: bounds-check it by hand.
+        # INIT is read before the ring is set up on our side: bounds-check it by hand.
         if fds or header.offset != 0 or not 0 < header.length <= self.request_capacity:
             raise wire.WireError("malformed INIT header")
         assert self.request.view is not None
         boot, _ = load(self.request.view[: header.length], _PLAIN, copy_buffers=True)
         assert isinstance(boot, dict)
         sys.path[:] = boot["sys_path"]
-        try:
-            request_freed = open_and_unlink_semaphore(boot["request_sem"])
-            response_freed = open_and_unlink_semaphore(boot["response_sem"])
-        except posix_ipc.ExistentialError:
-            return False  # the pool shut down while we were starting, and removed them
-
+        request_freed_at, response_freed_at = wire.freed_semaphore_offsets(self.request_capacity)
+        request_freed = SharedSemaphore.attach(self.request, request_freed_at)
+        response_freed = SharedSemaphore.attach(self.request, response_freed_at)
         incoming = RingReader(self.request, request_freed, self.request_capacity)
         incoming.view(header.offset, header.length)  # account for INIT's region, then free it
         incoming.free()

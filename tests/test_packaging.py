@@ -36,7 +36,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_core_install_pulls_only_what_the_core_imports() -> None:
-    assert _requirement_names(PYPROJECT["project"]["dependencies"]) == {"cloudpickle", "posix-ipc", "numpy"}
+    assert _requirement_names(PYPROJECT["project"]["dependencies"]) == {"cloudpickle", "numpy"}
 
 
 def test_extras() -> None:

@@ -1,25 +1,25 @@
-"""The ring on its own, with a real memfd and real POSIX semaphores, in one process."""
+"""The ring on its own, with a real memfd and a real process-shared POSIX semaphore, in one
+process; and that semaphore between two processes."""
+import os
+import time
 from collections.abc import Iterator
 
-import posix_ipc
 import pytest
 
 from shmpool.ring import RingError, RingReader, RingWriter
-from shmpool.shm import Segment, create_semaphore, new_semaphore_name, unlink_semaphore
+from shmpool.semaphores import SLOT_BYTES, SemaphoreTimeout, SharedSemaphore
+from shmpool.shm import Segment
 
 CAPACITY = 1 << 12
 
 
 @pytest.fixture
 def ring() -> Iterator[tuple[RingWriter, RingReader]]:
-    name = new_semaphore_name()
-    sem = create_semaphore(name)
-    segment = Segment.create(CAPACITY)
+    segment = Segment.create(CAPACITY + SLOT_BYTES)  # the ring, then its semaphore
+    sem = SharedSemaphore.create(segment, CAPACITY)
     try:
-        yield RingWriter(segment, sem), RingReader(segment, sem)
+        yield RingWriter(segment, sem, CAPACITY), RingReader(segment, sem, CAPACITY)
     finally:
-        unlink_semaphore(name)
-        sem.close()
         segment.close()
 
 
@@ -75,21 +75,38 @@ def test_blocking_reserve_gives_up_when_the_peer_is_gone(ring) -> None:
     assert len(asked) == 2
 
 
-def test_semaphores_are_private_and_unguessable() -> None:
-    a, b = new_semaphore_name(), new_semaphore_name()
-    assert a != b and a.startswith("/shmp.") and len(a.rsplit(".", 1)[1]) == 16
-    sem = create_semaphore(a)
+def test_the_semaphore_is_shared_with_a_forked_process_and_has_no_name() -> None:
+    """A unit posted in another process is taken here; a wait with a timeout ends with
+    SemaphoreTimeout when none comes; /dev/shm gains nothing (the semaphore is in the memfd)."""
+    before = set(os.listdir("/dev/shm"))
+    segment = Segment.create(4096)
+    sem = SharedSemaphore.create(segment, 64)
     try:
-        import os
-        import stat
-
-        mode = stat.S_IMODE(os.stat("/dev/shm/sem." + a[1:]).st_mode)
-        assert mode == 0o600
-        with pytest.raises(posix_ipc.ExistentialError):
-            create_semaphore(a)  # O_CREX: never adopt someone else's
+        with pytest.raises(SemaphoreTimeout):
+            sem.acquire(0)
+        t0 = time.monotonic()
+        with pytest.raises(SemaphoreTimeout):
+            sem.acquire(0.05)
+        assert time.monotonic() - t0 >= 0.04
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child = SharedSemaphore.attach(segment, 64)
+                time.sleep(0.1)  # the parent is asleep in acquire() by now
+                child.release()
+                child.release()
+            finally:
+                os._exit(0)
+        sem.acquire(5.0)  # woken by the child's post
+        assert os.waitpid(pid, 0)[1] == 0
+        assert sem.value == 1
+        sem.acquire(0)
+        assert sem.value == 0
+        assert set(os.listdir("/dev/shm")) - before == set()
     finally:
-        unlink_semaphore(a)
-        sem.close()
+        segment.close()
+    with pytest.raises(ValueError):
+        sem.release()  # its segment is gone: an error, never a write into unmapped memory
 
 
 def test_reader_accepts_a_rewound_region_while_it_still_holds_one(ring) -> None:
@@ -120,3 +137,19 @@ def test_unreserve_takes_back_only_the_newest_region(ring) -> None:
         writer.unreserve(a)
     writer.unreserve(b)
     assert writer.try_reserve(3096) == b  # all but a's 1000 bytes are free again, from b on
+
+
+def test_unreserve_takes_back_the_newest_regions_one_by_one(ring) -> None:
+    """Jobs stacked on a worker that never got their headers are taken back newest first
+    (PoolCore.take_back_unsent): each is the newest region when its turn comes."""
+    writer, reader = ring
+    a = writer.try_reserve(1000)
+    reader.view(a, 1000)
+    b = writer.try_reserve(1000)
+    c = writer.try_reserve(1000)
+    with pytest.raises(RingError):
+        writer.unreserve(b)
+    writer.unreserve(c)
+    writer.unreserve(b)
+    assert writer.try_reserve(1000) == b  # as if b and c had never been handed out
+    reader.free()

@@ -118,5 +118,5 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
-        "versions": {m: _version(m) for m in ("shmpool", "torch", "triton", "numpy", "psutil", "cloudpickle", "posix_ipc")},
+        "versions": {m: _version(m) for m in ("shmpool", "torch", "triton", "numpy", "psutil", "cloudpickle")},
     }

@@ -667,12 +667,14 @@ def _dead_pid() -> int:
 
 
 def _stale_semaphore(owner: int) -> str:
-    """A stale-looking `sem.shmp.<dead pid>.<hex>` in /dev/shm owned by uid `owner`; returns its path."""
-    import posix_ipc
-
-    name = f"/shmp.{_dead_pid()}.{os.urandom(8).hex()}"
-    posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0).close()
-    path = "/dev/shm/sem." + name[1:]
+    """A stale-looking `sem.shmp.<dead pid>.<hex>` in /dev/shm owned by uid `owner`, as earlier shmpool
+    versions' named semaphores were (a sem_t in a one-page file); returns its path."""
+    path = f"/dev/shm/sem.shmp.{_dead_pid()}.{os.urandom(8).hex()}"
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    try:
+        os.write(fd, bytes(32))
+    finally:
+        os.close(fd)
     os.chown(path, owner, owner)
     return path
 

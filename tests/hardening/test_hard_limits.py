@@ -1,4 +1,4 @@
-"""Per-job timeout, the worker memory cap, and running out of shared memory or /dev/shm."""
+"""Per-job timeout, the worker memory cap, running out of shared memory, and a full /dev/shm."""
 from __future__ import annotations
 
 import contextlib
@@ -148,16 +148,10 @@ def test_worker_out_of_shared_memory_fails_the_job_clearly(shmpool_mod, make_poo
 # /dev/shm is never touched. The script prints one line per outcome.
 _DEV_SHM_FULL_SCRIPT = r"""
 import operator, os, sys, time
-from shmpool import SubprocKind, SubprocPool, WorkerStartError
-pool = SubprocPool(1, kind=SubprocKind(sys.argv[1]))
-start = time.monotonic()
-try:
-    pool.submit(operator.add, 1, 2).result(timeout=float(sys.argv[2]))
-    print("UNEXPECTED result")
-except WorkerStartError as e:
-    print(f"WorkerStartError after {time.monotonic() - start:.1f}s: {e}")
-os.remove("/dev/shm/fill")
-print("after freeing:", pool.submit(operator.add, 1, 2).result(timeout=float(sys.argv[2])))
+from shmpool import SubprocKind, SubprocPool
+pool = SubprocPool(2, kind=SubprocKind(sys.argv[1]))
+print("with /dev/shm full:", pool.submit(operator.add, 1, 2).result(timeout=float(sys.argv[2])))
+print("entries:", sorted(os.listdir("/dev/shm")))
 pool.shutdown()
 """
 
@@ -170,10 +164,10 @@ def _can_unshare_mounts() -> bool:
 
 
 @pytest.mark.parametrize("kind_value", ["spawn", "fork"])
-def test_full_dev_shm_fails_the_queue_clearly_and_recovers(kind_value):
-    """/dev/shm full when a worker starts (its two semaphores cannot be created): the queued job
-    fails with WorkerStartError naming the space asked for and the space left, within a few
-    retries, never hangs; once space is freed the next submit runs."""
+def test_a_full_dev_shm_does_not_stop_workers_starting(kind_value):
+    """/dev/shm full when workers start: they start and run the job, and /dev/shm gains nothing.
+    (With named semaphores, two one-page files per starting worker, every start failed there and
+    the queued jobs failed with WorkerStartError.)"""
     if not _can_unshare_mounts():
         pytest.skip("needs root and `unshare --mount` to give the test a private, full /dev/shm")
     shell = (
@@ -186,8 +180,4 @@ def test_full_dev_shm_fails_the_queue_clearly_and_recovers(kind_value):
         capture_output=True, text=True, timeout=3 * JOB_DEADLINE,
     )
     assert proc.returncode == 0, proc.stderr
-    first, second = proc.stdout.strip().splitlines()
-    assert first.startswith("WorkerStartError after"), proc.stdout
-    assert "No space left on device" in first and "4,096 bytes" in first and "0 bytes free" in first, first
-    assert float(first.split("after ")[1].split("s:")[0]) < JOB_DEADLINE / 2, first  # retries, then fails
-    assert second == "after freeing: 3", proc.stdout
+    assert proc.stdout.strip().splitlines() == ["with /dev/shm full: 3", "entries: ['fill']"], proc.stdout
