@@ -189,8 +189,8 @@ class PoolCore:
         full: set[int] = set()
         batches: dict[int, tuple[Worker, list[bytes]]] = {}
         if answered is not None and answered.deferred:
-            # At most one message's worth: a job among them may turn out long, and the ones sent
-            # behind it wait for it; those still here can be taken back (take_back_unsent).
+            # At most SENT_AHEAD: a job among them may turn out long, and the ones sent behind it
+            # wait for it; those still here can be taken back (take_back_unsent).
             sent, answered.deferred = answered.deferred[:SENT_AHEAD], answered.deferred[SENT_AHEAD:]
             batches[answered.serial] = (answered, sent)
             if answered.deferred:
@@ -205,7 +205,7 @@ class PoolCore:
                 if entry is not None and len(entry[1]) < SENT_AHEAD:
                     batch = entry[1]
                 elif entry is not None or (w.inflight and w is not answered):
-                    # Busy (or a message's worth on its way): the header waits with those callers
+                    # Busy (or SENT_AHEAD on their way): the header waits with those callers
                     # deferred, for its next reply (sent then, or taken back if a job stalls it).
                     batch = w.deferred
                 else:  # its deferred headers go first
@@ -276,8 +276,8 @@ class PoolCore:
             # Among equals, one not busy settling a segment (a full collection, worker.py) first.
             rank = 2 * n + (1 if w.settling else 0)
             if rank < best_rank and w.state is WorkerState.READY and w.serial not in full and not w.unsent:
-                if n and (w.stalled or w.inflight[0].head_since <= stalled_since):
-                    continue
+                if n and w.inflight[0].head_since <= stalled_since:
+                    continue  # (w.stalled implies this)
                 best, fewest, best_rank = w, n, rank
         if best is None:
             return None
