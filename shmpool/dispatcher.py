@@ -89,6 +89,7 @@ class Dispatcher:
         self._start_retry_at: float | None = None
         self._chores = True  # check deadlines, worker count and the queue on the next round
         self.auto_quiesce_after: float | None = None  # quiesce=True: idle seconds before quiescing
+        self.start_timeout: float | None = None  # seconds a starting worker gets to be READY (None: no limit)
         self._idle_quiesce_at: float | None = None
         self.all_exited = threading.Event()  # set once teardown has reaped every process
         core.wake = self.wake
@@ -181,6 +182,8 @@ class Dispatcher:
                     deadlines.append(w.kill_at)  # (a FORK worker not reported yet: FORKED wakes us)
                 if w.status_by is not None:
                     deadlines.append(w.status_by)
+                if w.start_by is not None and w.state is WorkerState.STARTING:
+                    deadlines.append(w.start_by)
             if self._start_retry_at is not None:
                 deadlines.append(self._start_retry_at)
             if self._idle_quiesce_at is not None:
@@ -220,6 +223,14 @@ class Dispatcher:
                 self._signal(w, signal.SIGKILL)
             if w.status_by is not None and now >= w.status_by:
                 self._finish(w)  # its exit status never came (the fork helper died too)
+            if w.start_by is not None and now >= w.start_by and w.state is WorkerState.STARTING:
+                # Stopped (SIGSTOP), or stuck before READY: the jobs that wait for it must not.
+                w.expected_exit = True  # a failed start, counted here
+                self._kill(w, "it did not become ready in time")  # (no longer live)
+                self._start_failed(
+                    f"worker pid {w.pid} did not become ready within {self.start_timeout:g} s "
+                    f"(stopped, or stuck starting), and was killed"
+                )
         spares_idle = core.spares.idle_deadline()
         if spares_idle is not None and now >= spares_idle:
             core.spares.clear()  # no big payload for a while: give the warm segments back
@@ -327,6 +338,8 @@ class Dispatcher:
                     self._start_helper()
                 assert self._helper is not None
                 self._helper.fork(serial, fds)
+            if self.start_timeout is not None:
+                w.start_by = time.monotonic() + self.start_timeout
             boot = dict(self._boot, sys_path=list(sys.path))
             init = dump(boot, _PLAIN)
             if init.size > endpoint.oneoff_threshold:

@@ -97,7 +97,7 @@ class Worker:
     __slots__ = (
         "serial", "endpoint", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
-        "settling", "peeked", "delivered_early", "stalled",
+        "settling", "peeked", "delivered_early", "stalled", "start_by",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, proc: subprocess.Popen | None) -> None:
@@ -113,6 +113,7 @@ class Worker:
         self.socket_open = True
         self.kill_at: float | None = None  # RETIRING: SIGKILL if it has not exited by then
         self.status_by: float | None = None  # EXITED: give up waiting for the exit status then
+        self.start_by: float | None = None  # STARTING: killed (a failed start) if not READY by then
         self.retire_reason = ""  # why it takes no jobs: named in the error of a job it dies with
         self.expected_exit = False  # we asked it to go (QUIT, RECYCLE, timeout, shutdown)
         self.was_ready = False  # it got as far as READY (else its death is a failed start)

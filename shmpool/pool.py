@@ -63,6 +63,10 @@ __all__ = ["DEFAULT_RING_SIZE", "MIN_RING_SIZE", "PoolStats", "SubprocKind", "Su
 # carries a 128 MiB FX graph without a one-off segment.
 DEFAULT_RING_SIZE = 256 << 20
 MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the ring
+# Seconds a starting worker gets to become READY before it is killed as a failed start (a fresh
+# interpreter takes well under 1 s here; the initializer, torch's imports, run inside the window).
+START_TIMEOUT = 60.0
+START_TIMEOUT_WITH_INITIALIZER = 600.0
 
 
 def checked_seconds(name: str, value: float | None) -> float | None:
@@ -156,7 +160,9 @@ class SubprocPool:
     or result in bytes; ``worker_memory_cap`` recycles a worker whose RSS passes it between jobs;
     ``preload`` names modules the FORK helper imports once so forked workers start warm;
     ``max_spare_bytes`` bounds the segments of payloads over the ring kept warm for the next
-    one (default a quarter of memory, 0 keeps none; see spares.py).
+    one (default a quarter of memory, 0 keeps none; see spares.py); ``worker_start_timeout``
+    is how long a starting worker may take to become ready before it is killed and counted as a
+    failed start (default START_TIMEOUT, or START_TIMEOUT_WITH_INITIALIZER; ``math.inf``: no limit).
     """
 
     # What a job that raised in its worker fails with, built as ``remote_error_class(details,
@@ -181,6 +187,7 @@ class SubprocPool:
         ring_size: int = DEFAULT_RING_SIZE,
         preload: tuple[str, ...] = (),
         max_spare_bytes: int | None = None,
+        worker_start_timeout: float | None = None,
     ) -> None:
         if nprocs < 1:
             raise ValueError(f"nprocs must be at least 1, got {nprocs}")
@@ -207,6 +214,9 @@ class SubprocPool:
         )
         if quiesce:
             self._dispatcher.auto_quiesce_after = quiesce_after
+        if worker_start_timeout is None:  # default: generous for an interpreter's start, more so with an initializer
+            worker_start_timeout = START_TIMEOUT if initializer is None else START_TIMEOUT_WITH_INITIALIZER
+        self._dispatcher.start_timeout = checked_seconds("worker_start_timeout", worker_start_timeout)
         self.process = PoolProcesses(self)
         sweep_stale()
         self._dispatcher.thread.start()

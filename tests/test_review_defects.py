@@ -67,6 +67,15 @@ def ignore_term_mark_sleep(folder: str, seconds: float) -> None:
     time.sleep(seconds)
 
 
+def start_when_file_exists(path: str, started: str) -> None:
+    """An initializer that notes the worker's pid in ``started`` (a folder), then waits (60 s at
+    most) until ``path`` exists."""
+    Path(started, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def count_and_sum(arrays: list[np.ndarray]) -> tuple[int, int]:
     return len(arrays), int(sum(int(a.sum()) for a in arrays))
 
@@ -475,3 +484,50 @@ def test_a_pickler_whose_dumps_returns_str_fails_the_job_not_the_worker(make_poo
     assert pool.submit(corejobs.pid).result(DEADLINE) == worker, "the next job ran on another worker"
     assert pool.submit(corejobs.echo, "plain").result(DEADLINE) == "plain"
     assert pool.stats().workers_died == 0
+
+
+# ------------------------------------------------------------------------------ 12: starting workers
+
+
+def test_a_worker_stopped_while_starting_is_replaced(make_pool, tmp_path: Path) -> None:
+    """The only worker is SIGSTOPped in its start-up (inside its initializer, so the moment is
+    certain): it never becomes ready. After worker_start_timeout it is killed and counted as a
+    failed start, a replacement starts, and the queued job, with a timeout of its own, runs there
+    (the old code waited for the stopped worker forever: a job's timeout counts from its start)."""
+    go, started = tmp_path / "go", tmp_path / "started"
+    started.mkdir()
+    pool = make_pool(1, initializer=start_when_file_exists, initargs=(str(go), str(started)),
+                     worker_start_timeout=2.0)
+    deadline = time.monotonic() + DEADLINE
+    while not any(started.iterdir()):
+        assert time.monotonic() < deadline, "the worker never reached its initializer"
+        time.sleep(0.01)
+    stopped = int(next(started.iterdir()).name)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        future = pool.submit_job(corejobs.add, (1, 2), timeout=1.0)
+        go.touch()  # a replacement gets through its initializer at once
+        assert future.result(DEADLINE) == 3
+        assert stopped not in pool.worker_pids()
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # killed, as it should be
+    still_works(pool)
+
+
+def test_workers_that_never_become_ready_fail_the_queue_clearly(make_pool, tmp_path: Path) -> None:
+    """An initializer that hangs: each start is killed after worker_start_timeout, and after the
+    pool's failed starts in a row the queued job fails with WorkerStartError naming the cause,
+    instead of waiting forever."""
+    from shmpool import WorkerStartError
+
+    started = tmp_path / "started"
+    started.mkdir()
+    pool = make_pool(1, initializer=start_when_file_exists, initargs=(str(tmp_path / "never"), str(started)),
+                     worker_start_timeout=1.0)
+    future = pool.submit(corejobs.add, 1, 2)
+    exc = future.exception(DEADLINE)
+    assert isinstance(exc, WorkerStartError), message_of(exc) if exc else "it ran"
+    assert "did not become ready within 1 s" in str(exc), str(exc)
