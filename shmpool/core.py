@@ -177,11 +177,12 @@ class PoolCore:
 
     def place_pending(self, now: float, *, send_later: bool = False, answered: Worker | None = None) -> None:
         """Put queued jobs into ready workers' request rings, oldest first. The headers for
-        one worker go out as one message (one wake-up for all of them), behind the ones
-        callers deferred for ``answered`` (the worker whose replies the dispatcher just read):
-        at once, or with ``send_later`` (the dispatcher) by ``send_placed`` once the lock is
-        released, so callers are not kept waiting on the lock through the sends (``w.unsent``
-        keeps other placers off such a worker meanwhile, so its headers stay in ring order)."""
+        one worker go out together (SENT_AHEAD at most, MAX_BATCH to a message: one wake-up
+        for many), behind the ones callers deferred for ``answered`` (the worker whose replies
+        the dispatcher just read). They go at once, or with ``send_later`` (the dispatcher) by
+        ``send_placed`` once the lock is released, so callers are not kept waiting on the lock
+        through the sends (``w.unsent`` keeps other placers off such a worker meanwhile, so its
+        headers stay in ring order). A busy worker's headers wait, deferred, for its next reply."""
         with deferred_signals():
             self._place_pending(now, send_later, answered)
 

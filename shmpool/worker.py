@@ -3,8 +3,8 @@
 A worker is either a fresh interpreter (SPAWN, ``python -c 'from shmpool.worker import
 spawn_main; spawn_main()'``) or a fork of the fork helper (FORK). Either way it holds one
 socket and two memfd rings, all inherited as fds (the rings' semaphores are in the request
-segment's control block); everything else arrives in its INIT payload through the request ring. It exits on EOF (the parent
-is gone), on QUIT, or after a reply flagged RECYCLE.
+segment's control block); everything else arrives in its INIT payload through the request
+ring. It exits on EOF (the parent is gone), on QUIT, or after a reply flagged RECYCLE.
 
 One job, in order (the parent relies on each step's place):
   1. mark the job taken in the request segment's control block (wire.mark_taken);
@@ -371,6 +371,12 @@ def _exit_if_forked_by_the_job(worker_pid: int, raised: BaseException | None) ->
         code = raised.code if isinstance(raised.code, int) else (0 if raised.code is None else 1)
     elif raised is not None:
         code = 1
+    _flush_and_exit(code)
+
+
+def _flush_and_exit(code: int) -> None:
+    """Leave the process now (no atexit, no finalizers: they belong to the process forked
+    from), with what it printed flushed."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -414,11 +420,7 @@ def run(sock_fd: int, request_fd: int, response_fd: int, parent_pid: int) -> Non
         traceback.print_exc()
         code = 1
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _flush_and_exit(code)
 
 
 def spawn_main() -> None:
