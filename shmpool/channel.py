@@ -100,6 +100,9 @@ def send_header(sock: socket.socket, header: bytes, fds: tuple[int, ...] | list[
 
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * _FD_ARRAY.itemsize)
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+# Plain ints: socket's MsgFlag members are an enum.IntFlag, and ``int & member`` runs three
+# Python calls, for every message read.
+_CTRUNC, _TRUNC, _DONTWAIT = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC), int(socket.MSG_DONTWAIT)
 
 
 # The fds of a payload's header whose memfd the kernel dropped because this process is at its fd
@@ -123,13 +126,13 @@ def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.
     WireError on a malformed message (its fds closed). A payload header whose memfd we could
     not take (our fd limit) comes with FDS_DROPPED."""
     try:
-        data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else socket.MSG_DONTWAIT)
+        data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, 0 if block else _DONTWAIT)
     except ConnectionResetError:
         # The peer closed with messages of ours unread. Linux says so once, ahead of what the peer
         # sent before it went (a reply to a job that finished just before its worker crashed):
         # read on until the socket is empty; only then is it EOF.
         try:
-            data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, socket.MSG_DONTWAIT)
+            data, ancdata, msg_flags, _ = sock.recvmsg(_MESSAGE_SPACE, _ANCILLARY_SPACE, _DONTWAIT)
         except (BlockingIOError, ConnectionResetError):
             return None
     fds: list[int] = []
@@ -141,7 +144,7 @@ def recv_headers(sock: socket.socket, *, block: bool = True) -> tuple[list[wire.
     if not data and not fds:
         return None
     try:
-        if msg_flags & socket.MSG_CTRUNC and not msg_flags & socket.MSG_TRUNC and len(data) == wire.HEADER_SIZE:
+        if msg_flags & _CTRUNC and not msg_flags & _TRUNC and len(data) == wire.HEADER_SIZE:
             header = wire.decode(data)
             if header.flags & wire.Flag.ONEOFF and not fds and _at_fd_limit():
                 return [header], FDS_DROPPED

@@ -183,6 +183,8 @@ class PoolCore:
         ``send_placed`` once the lock is released, so callers are not kept waiting on the lock
         through the sends (``w.unsent`` keeps other placers off such a worker meanwhile, so its
         headers stay in ring order). A busy worker's headers wait, deferred, for its next reply."""
+        if not self.pending and (answered is None or not answered.deferred):
+            return  # nothing to place (after most replies): no signal handlers swapped
         with deferred_signals():
             self._place_pending(now, send_later, answered)
 

@@ -379,8 +379,11 @@ class Dispatcher:
 
     # ------------------------------------------------------------ worker messages
 
-    def _on_worker(self, w: Worker) -> None:
-        """Read every message the worker has sent. Its faults cost it, never the loop."""
+    def _on_worker(self, w: Worker, drain: bool = False) -> None:
+        """Read the worker's next message, or with ``drain`` every message it has sent. Its
+        faults cost it, never the loop. One at a time on a readiness event: the socket stays
+        readable while more wait (epoll is level-triggered), and a read that finds nothing
+        costs a syscall and an exception on every reply."""
         while w.socket_open:
             try:
                 got = recv_headers(w.endpoint.sock)
@@ -397,6 +400,8 @@ class Dispatcher:
                 self._on_headers(w, headers, fds)
             except Exception as e:  # WireError, RingError, CodecError, or worse: it is the worker's
                 self._protocol_error(w, f"{type(e).__name__}: {e}")
+                return
+            if not drain:
                 return
 
     def _on_headers(self, w: Worker, headers: list[wire.Header], fds: list[int]) -> None:
@@ -626,7 +631,7 @@ class Dispatcher:
         self._selector.unregister(w.pidfd)
         os.close(w.pidfd)
         w.pidfd = -1
-        self._on_worker(w)  # a reply sent just before exiting is still in the socket
+        self._on_worker(w, drain=True)  # a reply sent just before exiting is still in the socket
         self._close_socket(w)
         self._recover_held(w)
         with self.core.lock:

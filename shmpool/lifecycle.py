@@ -31,8 +31,8 @@ class JobState(enum.Enum):
     DONE = "done"  # its future is resolved, or queued for resolving outside the lock
 
 
-# Keyed by value and checked by identity: an Enum's own hash is Python code, and this runs
-# twice for every job.
+# Keyed by value (read as ``_value_``: ``.value`` is a Python-level property in 3.11) and checked
+# by identity: an Enum's own hash is Python code, and this runs twice for every job.
 _JOB_MOVES = {
     JobState.QUEUED.value: (JobState.PLACED, JobState.DONE),
     JobState.PLACED.value: (JobState.QUEUED, JobState.DONE),
@@ -69,7 +69,7 @@ class Job:
 
 
 def move_job(job: Job, to: JobState) -> None:
-    if to not in _JOB_MOVES[job.state.value]:
+    if to not in _JOB_MOVES[job.state._value_]:
         raise AssertionError(f"job {job.job_id}: {job.state.name} -> {to.name} is not a move a job makes")
     job.state = to
 
@@ -147,6 +147,6 @@ class Worker:
 
 
 def move_worker(w: Worker, to: WorkerState) -> None:
-    if to not in _WORKER_MOVES[w.state.value]:
+    if to not in _WORKER_MOVES[w.state._value_]:
         raise AssertionError(f"worker {w.serial}: {w.state.name} -> {to.name} is not a move a worker makes")
     w.state = to

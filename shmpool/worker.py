@@ -36,6 +36,7 @@ import ctypes
 import os
 import time
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -108,6 +109,8 @@ class Worker:
         self._eof = False  # the parent closed its end (seen while looking ahead)
         self._unsettled: list[tuple[int, Segment]] = []  # answered UNSETTLED: (job id, segment still mapped)
         self.pid = os.getpid()
+        self._socket_poll = select.poll()
+        self._socket_poll.register(sock, select.POLLIN)
 
     def _parent_alive(self) -> bool:
         return os.getppid() == self.parent_pid
@@ -293,6 +296,8 @@ class Worker:
     def _more_queued(self) -> bool:
         """Whether another job is waiting for us: in hand, or in the socket already."""
         if not self._backlog and not self._eof:
+            if not self._socket_poll.poll(0):
+                return False  # (asked without a read that fails: an exception per job costs more)
             try:
                 got = recv_headers(self.sock, block=False)
             except BlockingIOError:
