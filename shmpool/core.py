@@ -64,6 +64,7 @@ class PoolStats:
     spare_bytes: int = 0  # warm segments kept now (spares.py)
     workers_started: int = 0
     workers_died: int = 0
+    jobs_withdrawn: int = 0  # sent to a worker stuck on a long job, then run by another (claims.py)
 
 
 def new_pool_lock() -> threading.RLock:
@@ -415,6 +416,32 @@ class PoolCore:
         # Their bytes stay in place until the next write into the ring, which needs this lock.
         self.requeue(w, jobs)
         return count
+
+    def withdraw_untaken(self, w: Worker) -> int:
+        """Under lock: the jobs sent to busy ``w`` that it has not taken go back to the front of
+        the queue, for whichever worker is free first (claims.py): ``w`` frees their regions
+        unread when it comes to them. Jobs in one-off segments stay. Returns how many."""
+        if w.claims is None or w.unsent or w.deferred or len(w.inflight) < 2 or not w.socket_open:
+            return 0  # (deferred headers are taken back first: take_back_unsent)
+        taken = w.claims.withdraw_below(w.endpoint.outgoing.head)
+        if taken is None:
+            return 0  # it holds the claim lock (stopped, or dying): they stay
+        ids = [job.job_id for job in w.inflight]
+        cut = ids.index(taken) + 1 if taken in ids else 0
+        kept = list(w.inflight)[:cut]
+        withdrawn = []
+        for job in list(w.inflight)[cut:]:
+            assert job.placement is not None
+            (kept if job.placement.oneoff is not None else withdrawn).append(job)
+        if not withdrawn:
+            return 0
+        w.inflight.clear()
+        w.inflight.extend(kept)
+        if kept and cut == 0:
+            self.job_starts(kept[0], time.monotonic())  # a one-off job is at the head now
+        self.counts["jobs_withdrawn"] += len(withdrawn)
+        self.requeue(w, withdrawn)
+        return len(withdrawn)
 
     def requeue(self, w: Worker, jobs: list[Job]) -> None:
         """Jobs ``w`` never took (it died, or they were taken back): back to the front of the

@@ -36,6 +36,7 @@ from typing import Any
 
 from . import wire
 from .channel import FDS_DROPPED, Endpoint, recv_header, recv_headers
+from .claims import JobClaims
 from .codec import CodecError, dump, load
 from .core import JOB_SECONDS_WEIGHT, STALL_SECONDS, PoolCore
 from .futures import settle
@@ -176,7 +177,7 @@ class Dispatcher:
                     deadlines.append(w.inflight[0].deadline)
                 if len(w.inflight) >= 2 and w.peeked != w.inflight[0].job_id:
                     deadlines.append(w.inflight[0].head_since + HELD_PEEK_SECONDS)
-                if w.deferred and not w.stalled:
+                if (w.deferred or len(w.inflight) >= 2) and not w.stalled:
                     deadlines.append(w.inflight[0].head_since + STALL_SECONDS)
                 if w.kill_at is not None and (w.pidfd >= 0 or w.proc is not None):
                     deadlines.append(w.kill_at)  # (a FORK worker not reported yet: FORKED wakes us)
@@ -247,9 +248,9 @@ class Dispatcher:
 
     def _unstack_stalled(self, now: float) -> None:
         """Under lock: short jobs stacked behind one that has run STALL_SECONDS are not left
-        to wait for it while another worker could run them. Its worker takes no more, and
-        the stacked jobs it was never told of go back to the queue (those it was told of
-        stay: they cannot be taken back from a worker that may start them)."""
+        to wait for it while another worker could run them. Its worker takes no more; the
+        stacked jobs it was never told of go back to the queue, and so do those it was told
+        of but has not taken (withdrawn: claims.py)."""
         core = self.core
         for w in core.workers.values():
             if w.stalled or not w.inflight or now < w.inflight[0].head_since + STALL_SECONDS:
@@ -257,6 +258,7 @@ class Dispatcher:
             w.stalled = True
             if any(o is not w and o.state is WorkerState.READY for o in core.workers.values()):
                 core.take_back_unsent(w)  # (else nobody could run them sooner: they stay)
+                core.withdraw_untaken(w)
 
     def _top_up(self, now: float) -> None:
         """Quiesce idle workers, or start workers up to the pool's size."""
@@ -328,6 +330,10 @@ class Dispatcher:
                 RingReader(response, SharedSemaphore.create(request, response_freed_at)),
                 core.spares,
             )
+            assert request.view is not None
+            claims = JobClaims(
+                request.view, self._ring_size, SharedSemaphore.create(request, wire.claim_semaphore_offset(self._ring_size), 1)
+            )
             fds = (child_sock.fileno(), request.fd, response.fd)
             if self._spawn:
                 w = Worker(serial, endpoint, spawn_worker(*fds))
@@ -338,6 +344,7 @@ class Dispatcher:
                     self._start_helper()
                 assert self._helper is not None
                 self._helper.fork(serial, fds)
+            w.claims = claims
             if self.start_timeout is not None:
                 w.start_by = time.monotonic() + self.start_timeout
             boot = dict(self._boot, sys_path=list(sys.path))

@@ -21,6 +21,7 @@ import subprocess
 from concurrent.futures import Future
 
 from .channel import Endpoint, Placement
+from .claims import JobClaims
 from .codec import Frozen, Parts
 from .shm import Segment
 
@@ -97,7 +98,7 @@ class Worker:
     __slots__ = (
         "serial", "endpoint", "proc", "pid", "pidfd", "state", "inflight", "exitcode",
         "status_known", "socket_open", "kill_at", "status_by", "retire_reason", "expected_exit", "was_ready", "unsent", "deferred",
-        "settling", "peeked", "delivered_early", "stalled", "start_by",
+        "settling", "peeked", "delivered_early", "stalled", "start_by", "claims",
     )
 
     def __init__(self, serial: int, endpoint: Endpoint, proc: subprocess.Popen | None) -> None:
@@ -118,6 +119,7 @@ class Worker:
         self.expected_exit = False  # we asked it to go (QUIT, RECYCLE, timeout, shutdown)
         self.was_ready = False  # it got as far as READY (else its death is a failed start)
         self.unsent = False  # headers placed under the lock are being sent outside it: place none behind
+        self.claims: JobClaims | None = None  # the lock and marks to withdraw jobs it has not taken
         # Headers of jobs callers placed behind its running ones. The dispatcher sends them with
         # its next placements, after the worker's next reply: a busy worker needs no wake-up.
         self.deferred: list[bytes] = []

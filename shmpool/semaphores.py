@@ -77,9 +77,9 @@ class SharedSemaphore:
         self._segment = segment
 
     @classmethod
-    def create(cls, segment: Segment, offset: int) -> "SharedSemaphore":
+    def create(cls, segment: Segment, offset: int, value: int = 0) -> "SharedSemaphore":
         sem = cls(segment, offset)
-        if _sem_init(sem._addr, 1, 0) != 0:
+        if _sem_init(sem._addr, 1, value) != 0:
             raise _fail("sem_init")
         return sem
 

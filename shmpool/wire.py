@@ -21,12 +21,12 @@ for all of them. A message that carries fds carries exactly one header.
 
 The request segment (parent -> worker), one per worker::
 
-    0                                 ring_capacity  +8        +16                      + CONTROL_BYTES
-    +-------------------------------+----------+----------+---------------------+--------+----------+----------+
-    | ring: job payloads (ring.py)  | taken id | held: n  | n held reply headers| unused | freed:   | freed:   |
-    |                               |          |          |                     |        | request  | response |
-    +-------------------------------+----------+----------+---------------------+--------+----------+----------+
-                                    0          8          24                    536      960        992   1024
+    0                        ring_capacity  +8        +24                   +536        +544     +928     +960     +992     + CONTROL_BYTES
+    +------------------------+----------+----------+--------------------+-----------+--------+--------+--------+--------+
+    | ring: job payloads     | taken id | held: n  | n held reply       | withdrawn | unused | claim  | freed: | freed: |
+    | (ring.py)              |          |          | headers            | below     |        | lock   | request| response
+    +------------------------+----------+----------+--------------------+-----------+--------+--------+--------+--------+
+                             0          8          24                   536         544      928      960      992      1024
 
 The response segment (worker -> parent) is all ring. Job ids start at 1: id 0 names the
 worker's own set-up (INIT, and the ERROR an initializer that raised sends back).
@@ -38,7 +38,7 @@ import struct
 from typing import NamedTuple
 
 MAGIC = b"SHMP"
-VERSION = 6  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED. 5: held-reply journal. 6: semaphores in the control block
+VERSION = 7  # 2: FORKED carries a pidfd; ERROR carries (name, details, infra error). 3: replies in the job's segment, no ACK. 4: SETTLED. 5: held-reply journal. 6: semaphores in the control block. 7: jobs withdrawn from a stalled worker (claims.py)
 HEADER = struct.Struct("<4sBBHQQQ")
 HEADER_SIZE = HEADER.size  # 32
 MAX_BATCH = 16  # headers in one message at most
@@ -46,8 +46,8 @@ _U64_MAX = (1 << 64) - 1
 
 SETUP_JOB_ID = 0
 
-# The request segment ends with a control block its ring never uses, which the parent reads only
-# once the worker is dead (no ordering needed while it lives):
+# The request segment ends with a control block its ring never uses. The parent reads it once the
+# worker is dead, or under the claim lock below while it lives:
 #  - at offset 0, the id of each job the worker takes off the socket, stored before it touches the
 #    payload: it tells a job that started (fail it: it may be what killed the worker) from one the
 #    worker never read (run it elsewhere);
@@ -58,9 +58,16 @@ SETUP_JOB_ID = 0
 #    also reads a live worker's journal (sequence unchanged and even around the read), when a job
 #    behind held replies runs long, which keeps the worker from sending them.
 CONTROL_BYTES = 1024
+#  - at offset 536, a ring position: the jobs in the ring below it that the worker has not taken
+#    are withdrawn (the parent runs them elsewhere; the worker frees their regions unread), and at
+#    offset 928 the lock both sides hold to take or withdraw a job, so that each job is one or
+#    the other, never both (claims.py);
 #  - at offsets 960 and 992, the two rings' ``freed`` semaphores (semaphores.py: process-shared
 #    sem_t, no name), the request ring's and the response ring's, which the parent makes there.
 TAKEN = struct.Struct("<Q")  # at offset 0 of the control block: id of the job last taken
+WITHDRAWN = struct.Struct("<Q")  # at offset 536: ring position below which untaken jobs are withdrawn
+WITHDRAWN_AT = 536
+CLAIM_AT = 928
 REQUEST_FREED_AT = 960
 RESPONSE_FREED_AT = 992
 _JOURNAL = struct.Struct("<QQ")  # sequence, count
@@ -71,6 +78,11 @@ _HEADERS_AT = 24
 def freed_semaphore_offsets(ring_capacity: int) -> tuple[int, int]:
     """Where in the request segment the request and the response ring's ``freed`` semaphores are."""
     return ring_capacity + REQUEST_FREED_AT, ring_capacity + RESPONSE_FREED_AT
+
+
+def claim_semaphore_offset(ring_capacity: int) -> int:
+    """Where in the request segment the lock that takes or withdraws a job is (claims.py)."""
+    return ring_capacity + CLAIM_AT
 
 
 def request_segment_size(ring_capacity: int) -> int:
@@ -90,6 +102,14 @@ def read_taken(request: memoryview, ring_capacity: int) -> int:
 
 def mark_taken(request: memoryview, ring_capacity: int, job_id: int) -> None:
     TAKEN.pack_into(request, ring_capacity, job_id)
+
+
+def read_withdrawn(request: memoryview, ring_capacity: int) -> int:
+    return WITHDRAWN.unpack_from(request, ring_capacity + WITHDRAWN_AT)[0]
+
+
+def mark_withdrawn(request: memoryview, ring_capacity: int, position: int) -> None:
+    WITHDRAWN.pack_into(request, ring_capacity + WITHDRAWN_AT, position)
 
 
 def journal_held(request: memoryview, ring_capacity: int, seq: int, headers: list[bytes], kept: int) -> int:

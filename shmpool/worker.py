@@ -7,7 +7,8 @@ segment's control block); everything else arrives in its INIT payload through th
 ring. It exits on EOF (the parent is gone), on QUIT, or after a reply flagged RECYCLE.
 
 One job, in order (the parent relies on each step's place):
-  1. mark the job taken in the request segment's control block (wire.mark_taken);
+  1. mark the job taken in the request segment's control block, unless the parent withdrew it
+     (claims.py: then its region is freed unread and it gets no reply);
   2. map its payload: big out-of-band arguments through a mapping of the job's own
      (shm.RegionMapping), so views the job keeps can never see a later job's bytes;
   3. unpickle; free the request region at once unless the job uses it in place;
@@ -46,6 +47,7 @@ from typing import Any
 
 from . import wire
 from .channel import FDS_DROPPED, Endpoint, Payload, recv_header, recv_headers
+from .claims import JobClaims
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
 from .errors import PayloadTooLargeError, describe_error
 from .holding import HOLD_SECONDS, HeldReplies
@@ -105,6 +107,7 @@ class Worker:
         self.memory_cap: int | None = None
         self._backlog: collections.deque[tuple[wire.Header, list[int]]] = collections.deque()
         self.held: HeldReplies | None = None  # reply headers written but not yet sent
+        self.claims: JobClaims | None = None  # taking jobs, or finding them withdrawn
         self._job_started = 0.0
         self._eof = False  # the parent closed its end (seen while looking ahead)
         self._unsettled: list[tuple[int, Segment]] = []  # answered UNSETTLED: (job id, segment still mapped)
@@ -138,6 +141,8 @@ class Worker:
         incoming.free()
         self.endpoint = Endpoint(self.sock, RingWriter(self.response, response_freed), incoming)
         self.held = HeldReplies(self.endpoint, self.request.view, self.request_capacity)
+        claim_lock = SharedSemaphore.attach(self.request, wire.claim_semaphore_offset(self.request_capacity))
+        self.claims = JobClaims(self.request.view, self.request_capacity, claim_lock)
         self.max_payload = boot["max_payload"]
         self.memory_cap = boot["memory_cap"]
         for key, value in boot["environ"].items():
@@ -181,7 +186,13 @@ class Worker:
         if held.headers and held.overdue():
             held.send()
         self._job_started = time.monotonic()
-        wire.mark_taken(self.request.view, self.request_capacity, header.job_id)
+        assert self.claims is not None
+        claimed = self.claims.take(header, RESULT_SPACE_WAIT_STEP, self._parent_alive)
+        if not claimed:
+            if claimed is None:
+                return int(wire.Flag.RECYCLE)  # the parent is gone
+            self._drop_withdrawn(header, fds)
+            return 0
         try:
             if fds is FDS_DROPPED:  # a job closed fds it did not own, or lowered the limit
                 raise SharedMemoryError(f"worker pid {os.getpid()} could not receive the job's memfd: {out_of_fds()}")
@@ -224,6 +235,17 @@ class Worker:
             too_large = PayloadTooLargeError("the job's result", parts.size, self.max_payload)
             return self._reply(header.job_id, _describe(too_large), payload)
         return self._reply(header.job_id, parts, payload)
+
+    def _drop_withdrawn(self, header: wire.Header, fds: list[int]) -> None:
+        """A job the parent withdrew (it runs elsewhere): free its region unread, in ring order."""
+        assert self.endpoint is not None
+        for fd in fds:
+            os.close(fd)
+        if fds:
+            raise wire.WireError(f"job {header.job_id} in the ring arrived with fds")
+        incoming = self.endpoint.incoming
+        incoming.view(header.offset, header.length).release()  # checks it is the next region
+        incoming.free()
 
     def _reply(self, job_id: int, answer: Parts | Error, request: Payload | None) -> int:
         """Write ``answer`` (a result, or an error the parent raises) into the response ring,

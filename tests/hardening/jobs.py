@@ -142,6 +142,14 @@ def identity(x):
     return x
 
 
+def note_and_add(path, a, b):
+    """``a + b``, after appending ``a`` to ``path`` (one short O_APPEND write: whole lines even
+    from several processes), so a test can count how many times each job ran."""
+    with open(path, "a") as f:
+        f.write(f"{a}\n")
+    return a + b
+
+
 def getpid():
     return os.getpid()
 
