@@ -33,10 +33,10 @@ PIPELINE_DEPTH = 1
 SHORT_JOB_PIPELINE_DEPTH = 64
 SHORT_JOB_SECONDS = 0.002  # running average under this: a job queued behind one costs little
 # A job running this long is no short job: nothing is stacked behind it, and what was is moved
-# (take_back_unsent, from dispatcher._unstack_stalled).
+# (take_back_unsent and withdraw_untaken, from dispatcher._unstack_stalled).
 STALL_SECONDS = 0.05
-# Headers sent to a worker in one go, at most: the jobs behind one that turns out long wait for
-# it once sent; the rest stay in the parent, where they can be taken back.
+# Headers sent to a worker in one go, at most: the rest stay in the parent, where they can be taken
+# back at once; those sent can be withdrawn only under the worker's claim lock (claims.py).
 SENT_AHEAD = 32
 JOB_SECONDS_WEIGHT = 0.1  # weight of the newest job in that running average
 # A job that must wait keeps a private copy of its bytes (the caller may change its arrays
@@ -426,13 +426,16 @@ class PoolCore:
         taken = w.claims.withdraw_below(w.endpoint.outgoing.head)
         if taken is None:
             return 0  # it holds the claim lock (stopped, or dying): they stay
-        ids = [job.job_id for job in w.inflight]
+        jobs = list(w.inflight)
+        ids = [job.job_id for job in jobs]
         cut = ids.index(taken) + 1 if taken in ids else 0
-        kept = list(w.inflight)[:cut]
-        withdrawn = []
-        for job in list(w.inflight)[cut:]:
+        kept, withdrawn = jobs[:cut], []
+        for job in jobs[cut:]:
             assert job.placement is not None
-            (kept if job.placement.oneoff is not None else withdrawn).append(job)
+            if job.placement.oneoff is None:
+                withdrawn.append(job)
+            else:
+                kept.append(job)
         if not withdrawn:
             return 0
         w.inflight.clear()

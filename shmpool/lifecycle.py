@@ -124,7 +124,8 @@ class Worker:
         # its next placements, after the worker's next reply: a busy worker needs no wake-up.
         self.deferred: list[bytes] = []
         # Its running job has run far past the short jobs stacked behind it: nothing more is
-        # stacked on it, and those whose headers it never got were taken back (core.take_back_unsent).
+        # stacked on it, and those whose headers it never got were taken back (core.take_back_unsent),
+        # those it got but has not taken withdrawn (core.withdraw_untaken).
         # Set by the dispatcher, cleared on its next reply, under the lock.
         self.stalled = False
         # One-off segments of jobs it answered UNSETTLED, by job id: it still maps them until its
