@@ -81,6 +81,25 @@ def describe_error(exc: BaseException, context: str = "") -> tuple[str, str]:
     return type(exc).__name__, f"{context}:\n{details}" if context else details
 
 
+def unpickle_context(exc: BaseException) -> str:
+    """What a worker says when a job cannot be unpickled there, with the usual fix when the
+    cause is the usual one: a function or class that only the caller's process has."""
+    text = str(exc)
+    if isinstance(exc, AttributeError) and "'__main__'" in text:
+        return (
+            "job could not be unpickled in the worker (it refers to something defined in the caller's "
+            "__main__, a script or a REPL, which workers do not run: move it into an importable module, "
+            "or pass pickler=shmpool.CloudPickler() to pickle it by value)"
+        )
+    if isinstance(exc, ModuleNotFoundError):
+        return (
+            f"job could not be unpickled in the worker (module {exc.name!r} is not importable there: "
+            "workers take the caller's sys.path when they start; install the module, or add its folder "
+            "to sys.path before the pool starts its workers)"
+        )
+    return "job could not be unpickled in the worker"
+
+
 def describe_job(fn: object) -> str:
     """``module.qualname`` of a job function, as job errors name it."""
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__

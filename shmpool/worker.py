@@ -49,7 +49,7 @@ from . import wire
 from .channel import FDS_DROPPED, Endpoint, Payload, recv_header, recv_headers
 from .claims import JobClaims
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
-from .errors import PayloadTooLargeError, describe_error
+from .errors import PayloadTooLargeError, describe_error, unpickle_context
 from .holding import HOLD_SECONDS, HeldReplies
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
@@ -206,7 +206,7 @@ class Worker:
         try:
             job, uses_region = load(payload.view, self.pickler, copy_buffers=not in_place)
         except BaseException as e:
-            error = _describe(e, "job could not be unpickled in the worker")
+            error = _describe(e, unpickle_context(e))
         if error is not None:
             return self._reply(header.job_id, error, payload)
         if not uses_region:

@@ -297,6 +297,49 @@ def test_a_module_next_to_a_script_reaches_the_workers(make_pool, tmp_path: Path
         sys.path.remove(str(tmp_path))
 
 
+def _only_in_main(x: int) -> int:
+    return x + 1
+
+
+def test_a_function_of_the_callers_main_fails_naming_the_fix(make_pool) -> None:
+    # A function a script defines lives in its __main__, which no worker runs: the worker's
+    # AttributeError says so and names both fixes, and CloudPickler is one that works.
+    main = sys.modules["__main__"]
+    name = "shmpool_test_only_in_main"
+    fn = _only_in_main
+    saved = fn.__module__, fn.__qualname__
+    fn.__module__, fn.__qualname__ = "__main__", name
+    setattr(main, name, fn)
+    try:
+        with pytest.raises(SubprocException) as caught:
+            make_pool(1).submit(fn, 1).result(RESULT_TIMEOUT)
+        assert caught.value.name == "AttributeError"
+        assert "defined in the caller's __main__" in str(caught.value)
+        assert "CloudPickler" in str(caught.value) and "importable module" in str(caught.value)
+        assert make_pool(1, pickler=CloudPickler()).submit(fn, 1).result(RESULT_TIMEOUT) == 2
+    finally:
+        delattr(main, name)
+        fn.__module__, fn.__qualname__ = saved
+
+
+def test_a_module_the_workers_cannot_import_fails_naming_the_fix(make_pool, tmp_path: Path) -> None:
+    pool = make_pool(1)
+    assert pool.submit(corejobs.add, 1, 1).result(RESULT_TIMEOUT) == 2  # started before the path below
+    (tmp_path / "latemod_xyz.py").write_text("def twice(x):\n    return 2 * x\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import latemod_xyz
+
+        with pytest.raises(SubprocException) as caught:
+            pool.submit(latemod_xyz.twice, 5).result(RESULT_TIMEOUT)
+        assert caught.value.name == "ModuleNotFoundError"
+        assert "module 'latemod_xyz' is not importable there" in str(caught.value)
+        assert "sys.path before the pool starts its workers" in str(caught.value)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("latemod_xyz", None)
+
+
 def test_cancelled_queued_job_never_runs(make_pool) -> None:
     pool = make_pool(1)
     blocker = pool.submit(corejobs.sleep_then, 0.5, "x")

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..codec import dump
-from ..errors import PayloadTooLargeError, describe_error as _describe
+from ..errors import PayloadTooLargeError, describe_error as _describe, unpickle_context
 from ..pickler import SubprocPickler
 from ..worker import rss_bytes, run_initializer
 from .payload import Wire, from_wire, to_wire
@@ -52,7 +52,7 @@ class Worker:
         try:
             fn, args, kwargs = from_wire(wire, self.pickler, copy_buffers=False)
         except BaseException as e:
-            return (ERROR, *_describe(e, "job could not be unpickled in the worker"), False)
+            return (ERROR, *_describe(e, unpickle_context(e)), False)
         del wire
         try:
             result: Any = fn(*args, **kwargs)
