@@ -33,8 +33,6 @@ from __future__ import annotations
 import atexit
 import enum
 import itertools
-import math
-import numbers
 import os
 import pickle
 import signal
@@ -46,7 +44,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from .codec import dump_job
+from .arguments import checked_callable, checked_count, checked_env, checked_seconds, dump_submitted
 from .core import PoolCore, PoolStats, new_pool_lock, refuse_reentry
 from .dispatcher import JOIN_LIMIT, Dispatcher
 from .errors import SubprocException, describe_job, remote_error
@@ -67,18 +65,6 @@ MIN_RING_SIZE = 1 << 20  # INIT (sys.path, pickler, initializer) must fit in the
 # interpreter takes well under 1 s here; the initializer, torch's imports, run inside the window).
 START_TIMEOUT = 60.0
 START_TIMEOUT_WITH_INITIALIZER = 600.0
-
-
-def checked_seconds(name: str, value: float | None) -> float | None:
-    """``value`` as a duration in seconds: None or infinity mean none; NaN, a negative number or
-    anything not a number is the caller's mistake, refused before a job is sent."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__} {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {value!r}")
-    return None if math.isinf(value) else float(value)
 
 
 class SubprocKind(enum.Enum):
@@ -189,13 +175,18 @@ class SubprocPool:
         max_spare_bytes: int | None = None,
         worker_start_timeout: float | None = None,
     ) -> None:
-        if nprocs < 1:
-            raise ValueError(f"nprocs must be at least 1, got {nprocs}")
-        if ring_size < MIN_RING_SIZE:
-            raise ValueError(f"ring_size must be at least {MIN_RING_SIZE} bytes, got {ring_size}")
+        nprocs = checked_count("nprocs", nprocs, 1)  # type: ignore[assignment]
+        ring_size = checked_count("ring_size", ring_size, MIN_RING_SIZE, " bytes")  # type: ignore[assignment]
+        max_payload = checked_count("max_payload", max_payload, 1, " bytes", optional=True)
+        worker_memory_cap = checked_count("worker_memory_cap", worker_memory_cap, 1, " bytes", optional=True)
+        max_spare_bytes = checked_count("max_spare_bytes", max_spare_bytes, 0, " bytes", optional=True)
+        checked_callable("initializer", initializer, optional=True)
         self.nprocs = nprocs
         self.pickler = pickler or SubprocPickler()
-        self.kind = SubprocKind(getattr(kind, "value", kind))  # torch's SubprocKind has the same values
+        try:
+            self.kind = SubprocKind(getattr(kind, "value", kind))  # torch's SubprocKind has the same values
+        except ValueError:
+            raise ValueError(f"kind must be SubprocKind.FORK or SubprocKind.SPAWN ('fork' or 'spawn'), got {kind!r}") from None
         self._job_timeout = checked_seconds("job_timeout", job_timeout)
         quiesce_after = checked_seconds("quiesce_after", quiesce_after)
         self._max_payload = max_payload
@@ -203,7 +194,7 @@ class SubprocPool:
         boot = {
             "pickler": pickle.dumps(self.pickler, pickle.HIGHEST_PROTOCOL),
             "initializer": None if initializer is None else self.pickler.dumps((initializer, tuple(initargs))),
-            "environ": dict(env or {}),
+            "environ": checked_env(env),
             "max_payload": max_payload,
             "memory_cap": worker_memory_cap,
         }
@@ -242,7 +233,7 @@ class SubprocPool:
         self._check_usable()
         refuse_reentry(self._core.lock)
         job_timeout = checked_seconds("timeout", timeout) if timeout is not None else self._job_timeout
-        parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
+        parts = dump_submitted(job_fn, args, kwargs, self.pickler, self._max_payload)
         job = Job(next(self._job_ids), JobFuture(self._dispatcher.thread), parts, job_timeout, describe_job(job_fn))
         core = self._core
         with deferred_signals():  # placed and announced (or queued) together, or not at all

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import sys
 import textwrap
 import threading
@@ -348,3 +350,41 @@ def test_cancelled_queued_job_never_runs(make_pool) -> None:
     assert blocker.result(RESULT_TIMEOUT) == "x"
     assert pool.submit(corejobs.add, 2, 2).result(RESULT_TIMEOUT) == 4
     assert pool.stats().jobs_completed == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, says",
+    [
+        ({"nprocs": "2"}, TypeError, "nprocs must be an int, got str '2'"),
+        ({"nprocs": 2.5}, TypeError, "nprocs must be an int"),
+        ({"nprocs": True}, TypeError, "nprocs must be an int"),
+        ({"nprocs": 0}, ValueError, "nprocs must be at least 1"),
+        ({"ring_size": "big"}, TypeError, "ring_size must be an int"),
+        ({"max_payload": 0}, ValueError, "max_payload must be at least 1 bytes"),
+        ({"worker_memory_cap": 1.5e9}, TypeError, "worker_memory_cap must be an int or None"),
+        ({"kind": "thread"}, ValueError, "kind must be SubprocKind.FORK or SubprocKind.SPAWN"),
+        ({"initializer": 3}, TypeError, "initializer must be callable"),
+        ({"env": {"X": 1}}, ValueError, "env must map variable names to str values"),
+        ({"env": {"A=B": "1"}}, ValueError, "env must map variable names to str values"),
+    ],
+)
+def test_bad_pool_arguments_are_refused_with_the_cause_named(kwargs: dict, error: type, says: str) -> None:
+    # Refused in the constructor, before any process starts: a worker that failed on them (an
+    # int in os.environ, a str count) would only be seen as a start failure, far from the cause.
+    kwargs = {"nprocs": 1, **kwargs}
+    with pytest.raises(error, match=re.escape(says)):
+        SubprocPool(kwargs.pop("nprocs"), **kwargs)
+
+
+def test_a_job_that_cannot_be_pickled_raises_from_submit_with_the_fix(pool: SubprocPool) -> None:
+    local = lambda x: x  # noqa: E731
+    with pytest.raises((AttributeError, pickle.PicklingError)) as caught:
+        pool.submit(local, 1)
+    assert any("pickler=shmpool.CloudPickler()" in note for note in getattr(caught.value, "__notes__", []))
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock'") as caught:
+        pool.submit(len, threading.Lock())
+    assert any("cannot be sent to another process" in note for note in caught.value.__notes__)
+    with pytest.raises(TypeError, match="job_fn must be callable, got int 5"):
+        pool.submit(5)  # type: ignore[arg-type]
+    assert pool.stats().jobs_submitted == 0
+    assert pool.submit(corejobs.add, 1, 2).result(RESULT_TIMEOUT) == 3

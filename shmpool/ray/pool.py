@@ -54,7 +54,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError
 
-from ..codec import dump_job
+from ..arguments import checked_callable, checked_count, checked_env, checked_seconds, dump_submitted
 from ..futures import JobFuture, settle
 from ..errors import (
     JobTimeoutError,
@@ -206,8 +206,12 @@ class RayPool:
         start_timeout: float = DEFAULT_START_TIMEOUT,
     ) -> None:
         global _atexit_registered
-        if nprocs < 1:
-            raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+        nprocs = checked_count("nprocs", nprocs, 1)  # type: ignore[assignment]
+        max_payload = checked_count("max_payload", max_payload, 1, " bytes", optional=True)
+        worker_memory_cap = checked_count("worker_memory_cap", worker_memory_cap, 1, " bytes", optional=True)
+        checked_callable("initializer", initializer, optional=True)
+        job_timeout = checked_seconds("job_timeout", job_timeout)
+        quiesce_after = checked_seconds("quiesce_after", quiesce_after)  # type: ignore[assignment]
         self.nprocs = nprocs
         self.pickler = pickler or SubprocPickler()
         self.kind = kind
@@ -220,7 +224,7 @@ class RayPool:
         self._boot = {
             "pickler": pickle.dumps(self.pickler, pickle.HIGHEST_PROTOCOL),
             "initializer": None if initializer is None else self.pickler.dumps((initializer, tuple(initargs))),
-            "environ": dict(env or {}),
+            "environ": checked_env(env),
             "max_payload": max_payload,
             "memory_cap": worker_memory_cap,
             "sys_path": list(sys.path),
@@ -276,11 +280,12 @@ class RayPool:
         future fails with ``JobTimeoutError`` and the actor is replaced."""
         if self._closing:
             raise RuntimeError("cannot submit to a RayPool after shutdown()")
-        parts = dump_job(job_fn, args, kwargs, self.pickler, self._max_payload)
+        job_timeout = checked_seconds("timeout", timeout) if timeout is not None else self._job_timeout
+        parts = dump_submitted(job_fn, args, kwargs, self.pickler, self._max_payload)
         wire = to_wire(parts)
         arg: Any = ray.put(wire) if parts.size >= INLINE_LIMIT else wire
         job = _Job(next(self._job_ids), JobFuture(), arg, parts.size, parts.oob_bytes,
-                   timeout if timeout is not None else self._job_timeout, describe_job(job_fn))
+                   job_timeout, describe_job(job_fn))
         del parts, wire
         with self._lock:
             if self._closing:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -106,3 +107,21 @@ def test_an_actor_no_node_can_host_fails_the_queue_with_the_reason(make_pool: An
     with pytest.raises(WorkerStartError, match="not scheduled and set up within 1.0 s.*no_such_resource"):
         pool.submit(corejobs.add, 1, 1).result(RESULT_TIMEOUT)
     assert time.monotonic() - started < RESULT_TIMEOUT
+
+
+def test_bad_arguments_and_unpicklable_jobs_are_refused_as_by_subproc_pool(make_pool: Any) -> None:
+    # The same checks (shmpool/arguments.py) as SubprocPool: refused in the caller's call, named.
+    with pytest.raises(TypeError, match="nprocs must be an int, got str '2'"):
+        RayPool("2")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="env must map variable names to str values"):
+        RayPool(1, env={"X": 1})  # type: ignore[dict-item]
+    pool = make_pool(1)
+    with pytest.raises((AttributeError, pickle.PicklingError)) as caught:
+        pool.submit(lambda x: x, 1)
+    assert any("pickler=shmpool.CloudPickler()" in note for note in caught.value.__notes__)
+    with pytest.raises(TypeError, match="job_fn must be callable"):
+        pool.submit(5)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds >= 0"):
+        pool.submit_job(corejobs.add, (1, 2), timeout=-1)
+    assert pool.stats().jobs_submitted == 0
+    assert pool.submit(corejobs.add, 1, 2).result(RESULT_TIMEOUT) == 3
