@@ -100,6 +100,14 @@ def unpickle_context(exc: BaseException) -> str:
     return "job could not be unpickled in the worker"
 
 
+# What a worker says when a job's result cannot be pickled to send it back.
+RESULT_NOT_PICKLED = (
+    "result could not be pickled to send it back (return plain data, bytes, arrays or tensors; "
+    "the pool's pickler=shmpool.CloudPickler() also takes lambdas and closures; locks, generators, "
+    "open files and sockets cannot leave the worker)"
+)
+
+
 def describe_job(fn: object) -> str:
     """``module.qualname`` of a job function, as job errors name it."""
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__

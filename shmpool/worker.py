@@ -49,7 +49,7 @@ from . import wire
 from .channel import FDS_DROPPED, Endpoint, Payload, recv_header, recv_headers
 from .claims import JobClaims
 from .codec import IN_PLACE_MIN_BYTES, Parts, dump, load, oob_bytes_of
-from .errors import PayloadTooLargeError, describe_error, unpickle_context
+from .errors import RESULT_NOT_PICKLED, PayloadTooLargeError, describe_error, unpickle_context
 from .holding import HOLD_SECONDS, HeldReplies
 from .pickler import SubprocPickler
 from .ring import RingReader, RingWriter
@@ -227,7 +227,7 @@ class Worker:
         try:
             parts = dump(result, self.pickler)
         except BaseException as e:
-            error = _describe(e, "result could not be pickled")
+            error = _describe(e, RESULT_NOT_PICKLED)
         result = None
         if error is not None:
             return self._reply(header.job_id, error, payload)

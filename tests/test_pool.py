@@ -154,8 +154,9 @@ def test_a_job_raising_while_it_views_its_array_argument_costs_no_worker(make_po
 
 
 def test_unpicklable_result_fails_that_job_only(pool: SubprocPool) -> None:
-    with pytest.raises(SubprocException, match="result could not be pickled"):
+    with pytest.raises(SubprocException, match="result could not be pickled") as info:
         pool.submit(corejobs.unpicklable_result).result(RESULT_TIMEOUT)
+    assert "pickler=shmpool.CloudPickler()" in str(info.value)  # with what to return instead
     assert pool.submit(corejobs.add, 2, 3).result(RESULT_TIMEOUT) == 5
 
 

@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from ..codec import dump
-from ..errors import PayloadTooLargeError, describe_error as _describe, unpickle_context
+from ..errors import RESULT_NOT_PICKLED, PayloadTooLargeError, describe_error as _describe, unpickle_context
 from ..pickler import SubprocPickler
 from ..worker import rss_bytes, run_initializer
 from .payload import Wire, from_wire, to_wire
@@ -66,7 +66,7 @@ class Worker:
         try:
             parts = dump(result, self.pickler)
         except BaseException as e:
-            return (ERROR, *_describe(e, "result could not be pickled"), recycle)
+            return (ERROR, *_describe(e, RESULT_NOT_PICKLED), recycle)
         if self.max_payload is not None and parts.size > self.max_payload:
             return (ERROR, *_describe(PayloadTooLargeError("the job's result", parts.size, self.max_payload)), recycle)
         # Ray stores the returned value (its out-of-band pieces in the object store) after this
